@@ -1,0 +1,260 @@
+"""The model itself: shapes, presets, the paper's equations, errors, gradients, resampling."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitdemo
+from vitdemo.config import PRESETS, ViTConfig
+from vitdemo.model import Block, VisionTransformer, resample_pos_embed
+
+
+def tiny(**overrides) -> VisionTransformer:
+    """A small ViT that runs in milliseconds; 48 px, patch 16 -> 3x3 grid."""
+    cfg = dict(image_size=48, patch_size=16, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
+    cfg.update(overrides)
+    return VisionTransformer(ViTConfig(**cfg))
+
+
+def test_vit_b_16_parameter_count_matches_timm_and_torchvision():
+    model = vitdemo.create_model("vit_b_16", num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == 86_567_656
+
+
+def test_default_is_vit_base():
+    model = vitdemo.create_model()
+    c = model.config
+    assert (c.embed_dim, c.depth, c.num_heads, c.mlp_dim, c.patch_size, c.image_size) == (768, 12, 12, 3072, 16, (224, 224))
+    assert c.norm_eps == 1e-6
+    assert isinstance(model.blocks[0].mlp.act, torch.nn.GELU) and model.blocks[0].mlp.act.approximate == "none"
+
+
+@pytest.mark.parametrize(
+    "name, dim, depth, heads, mlp, patch",
+    [
+        ("vit_ti_16", 192, 12, 3, 768, 16),
+        ("vit_s_16", 384, 12, 6, 1536, 16),
+        ("vit_b_16", 768, 12, 12, 3072, 16),
+        ("vit_b_32", 768, 12, 12, 3072, 32),
+        ("vit_l_16", 1024, 24, 16, 4096, 16),
+        ("vit_l_32", 1024, 24, 16, 4096, 32),
+        ("vit_h_14", 1280, 32, 16, 5120, 14),
+    ],
+)
+def test_presets_follow_table_1(name, dim, depth, heads, mlp, patch):
+    c = PRESETS[name]
+    assert (c.embed_dim, c.depth, c.num_heads, c.mlp_dim, c.patch_size) == (dim, depth, heads, mlp, patch)
+
+
+def test_small_image_preset():
+    model = vitdemo.create_model("vit_cifar_4", num_classes=10)
+    assert model.config.grid_size == (8, 8)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) < 6_000_000
+
+
+def test_overrides_reach_the_model():
+    model = vitdemo.create_model("vit_s_16", num_classes=7, depth=3, image_size=(64, 96), drop_path_rate=0.1)
+    assert len(model.blocks) == 3
+    assert model.pos_embed.shape == (1, 4 * 6 + 1, 384)
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, 7)
+    assert model.blocks[-1].drop_path1.p == pytest.approx(0.1)
+    assert model.blocks[0].drop_path1.p == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(image_size=225), ["image_size", "225", "patch_size", "divisible"]),
+        (dict(embed_dim=100, num_heads=12), ["embed_dim", "100", "num_heads", "12", "divisible"]),
+        (dict(depth=0), ["depth", "positive"]),
+        (dict(patch_size=-16), ["patch_size", "positive"]),
+        (dict(num_heads=0), ["num_heads", "positive"]),
+        (dict(mlp_dim=0), ["mlp_dim", "positive"]),
+        (dict(embed_dim=2.5), ["embed_dim", "positive integer"]),
+        (dict(num_classes=-1), ["num_classes"]),
+        (dict(drop_rate=1.0), ["drop_rate", "[0, 1)"]),
+        (dict(image_size=(224,)), ["image_size"]),
+        (dict(width=3), ["unknown", "width"]),
+    ],
+)
+def test_bad_hyper_parameters_name_the_value_and_rule(overrides, words):
+    with pytest.raises(ValueError) as err:
+        vitdemo.create_model("vit_b_16", **overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'vit_x_99'.*vit_b_16"):
+        vitdemo.create_model("vit_x_99")
+
+
+def test_wrong_input_size_explains_set_image_size():
+    with pytest.raises(ValueError, match="set_image_size"):
+        tiny()(torch.randn(1, 3, 64, 64))
+
+
+def test_equations_1_to_4_by_hand():
+    """Recompute the forward pass from the paper's equations with plain tensor operations."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(2, 3, 48, 48)
+    P, D = 16, 32
+    # Eq. 1: flatten each P x P patch (channel-major, as the conv kernel is laid out) and project by E.
+    patches = x.unfold(2, P, P).unfold(3, P, P)  # (B, C, 3, 3, P, P)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 9, 3 * P * P)
+    E = model.patch_embed.proj.weight.reshape(D, -1).T
+    z = patches @ E + model.patch_embed.proj.bias
+    z = torch.cat([model.cls_token.expand(2, -1, -1), z], 1) + model.pos_embed
+    for blk in model.blocks:
+        h = F.layer_norm(z, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        q, k, v = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).split(D, dim=-1)
+        heads = lambda t: t.reshape(2, 10, 4, 8).transpose(1, 2)  # noqa: E731
+        a = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(8), dim=-1)
+        msa = (a @ heads(v)).transpose(1, 2).reshape(2, 10, D) @ blk.attn.proj.weight.T + blk.attn.proj.bias
+        z_prime = msa + z  # Eq. 2
+        h = F.layer_norm(z_prime, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+        mlp = F.gelu(h @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias) @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
+        z = mlp + z_prime  # Eq. 3
+    y = F.layer_norm(z[:, 0], (D,), model.norm.weight, model.norm.bias, 1e-6)  # Eq. 4
+    expected = y @ model.head.weight.T + model.head.bias
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_block_residuals_are_the_papers_not_the_walkthroughs():
+    """Eq. 3 adds MLP(LN(y)) to y = x + MSA(LN(x)); the seed computed mlp(y + x) + y."""
+    torch.manual_seed(0)
+    blk = Block(16, 2, 32).eval()
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        out, _ = blk(x)
+        y = x + blk.attn(blk.norm1(x))[0]
+        assert torch.allclose(out, y + blk.mlp(blk.norm2(y)), atol=1e-6)
+        assert not torch.allclose(out, blk.mlp(blk.norm2(y + x)) + y, atol=1e-3)
+
+
+def test_attention_path_gives_same_logits_and_proper_maps():
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_s_16", depth=4).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fast = model(x)
+        logits, attentions = model(x, return_attention=True)
+    assert (fast - logits).abs().max().item() <= 1e-5
+    assert len(attentions) == 4
+    for a in attentions:
+        assert a.shape == (2, 6, 197, 197)
+        assert (a >= 0).all()
+        assert torch.allclose(a.sum(-1), torch.ones(2, 6, 197), atol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = tiny(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1).train()
+    loss = F.cross_entropy(model(torch.randn(4, 3, 48, 48)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_gradients_through_attention_path():
+    model = tiny().train()
+    logits, attentions = model(torch.randn(2, 3, 48, 48), return_attention=True)
+    attentions[0].sum().backward(retain_graph=True)
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_determinism_under_a_seed():
+    torch.manual_seed(123)
+    a = tiny()
+    torch.manual_seed(123)
+    b = tiny()
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+    torch.manual_seed(124)
+    c = tiny()
+    assert not torch.equal(a.pos_embed, c.pos_embed)
+
+
+def test_init_is_small_not_standard_normal():
+    """The seed drew class token and position embeddings from N(0, 1)."""
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_b_16")
+    assert model.pos_embed.std().item() == pytest.approx(0.0176, rel=0.1)
+    assert model.pos_embed.abs().max().item() <= 0.04 + 1e-6  # truncated at 2 std
+    assert model.cls_token.abs().max().item() < 1e-4
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.0176, rel=0.1)
+    assert torch.all(model.blocks[0].mlp.fc1.bias == 0)
+
+
+def test_dropout_off_at_inference_and_on_in_training():
+    torch.manual_seed(0)
+    model = tiny(drop_rate=0.5, attn_drop_rate=0.5, drop_path_rate=0.5)
+    x = torch.randn(2, 3, 48, 48)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+def test_resampled_position_embeddings_at_384px():
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_b_16").eval()
+    cls_before = model.pos_embed[:, :1].clone()
+    model.set_image_size(384)
+    assert model.config.image_size == (384, 384) and model.config.grid_size == (24, 24)
+    assert model.pos_embed.shape == (1, 24 * 24 + 1, 768)
+    assert torch.equal(model.pos_embed[:, :1], cls_before)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+def test_resample_reproduces_smooth_embeddings():
+    """A position embedding that is a linear ramp over the grid stays (nearly) a ramp; a
+    constant one stays exactly constant; resampling to the same grid is the identity."""
+    old = torch.zeros(1, 1 + 14 * 14, 2)
+    rows, cols = torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="ij")
+    old[0, 1:, 0] = 5.0
+    old[0, 1:, 1] = (rows + cols).flatten()
+    new = resample_pos_embed(old, (24, 24))
+    assert new.shape == (1, 1 + 576, 2)
+    assert torch.allclose(new[0, 1:, 0], torch.full((576,), 5.0), atol=1e-5)
+    ramp = new[0, 1:, 1].reshape(24, 24)
+    assert ramp[0, 0] < ramp[12, 12] < ramp[23, 23]
+    assert torch.equal(resample_pos_embed(old, (14, 14)), old)
+
+
+def test_resample_matches_timm_upsampling():
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    pos = torch.randn(1, 197, 16)
+    ours = resample_pos_embed(pos, (24, 24))
+    theirs = resample_abs_pos_embed(pos, new_size=(24, 24), num_prefix_tokens=1, interpolation="bicubic", antialias=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    del timm
+
+
+def test_reset_classifier_for_fine_tuning():
+    model = tiny()
+    model.reset_classifier(3)
+    assert model.config.num_classes == 3
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 32)  # features, no head
+
+
+def test_config_round_trip():
+    cfg = vitdemo.get_config("vit_cifar_4", depth=4)
+    assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        ViTConfig.from_dict({**cfg.to_dict(), "colour": 3})
