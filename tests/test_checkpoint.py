@@ -1,0 +1,202 @@
+"""Checkpoints: round trip, metadata that matches the weights, atomic writes, hostile files."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import vitdemo
+from vitdemo.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_peer_weights,
+    preprocessing,
+    read_metadata,
+    save_checkpoint,
+    unwrap,
+)
+
+CLASSES = ["a", "b", "c"]
+PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def small_model():
+    torch.manual_seed(0)
+    return vitdemo.create_model("vit_cifar_4", num_classes=3, depth=2, embed_dim=32, num_heads=2, mlp_dim=64)
+
+
+def test_round_trip(tmp_path):
+    model = small_model().eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, CLASSES, PREP, metrics={"val_acc": 0.5})
+    loaded, meta = load_checkpoint(path)
+    assert not loaded.training
+    assert loaded.config == model.config
+    assert meta["class_names"] == CLASSES
+    assert (meta["image_size"], meta["mean"], meta["std"]) == (32, [0.5] * 3, [0.25] * 3)
+    assert meta["metrics"] == {"val_acc": 0.5}
+    assert meta["vitdemo_version"] == vitdemo.__version__
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_directory_path_finds_model_file(tmp_path):
+    save_checkpoint(tmp_path / "model.safetensors", small_model(), CLASSES, PREP)
+    assert load_checkpoint(tmp_path)[1]["class_names"] == CLASSES
+
+
+def test_class_names_must_match_outputs(tmp_path):
+    with pytest.raises(CheckpointError, match="2 class names for a model with 3 outputs"):
+        save_checkpoint(tmp_path / "m.safetensors", small_model(), ["a", "b"], PREP)
+
+
+def write_raw(path, tensors, metadata):
+    save_file(tensors, str(path), metadata={"vitdemo": json.dumps(metadata)} if metadata is not None else None)
+
+
+def good_metadata(model):
+    return {"config": model.config.to_dict(), "class_names": CLASSES, **PREP}
+
+
+def test_config_that_does_not_match_weights(tmp_path):
+    model = small_model()
+    meta = good_metadata(model)
+    meta["config"]["depth"] = 3
+    write_raw(tmp_path / "m.safetensors", model.state_dict(), meta)
+    with pytest.raises(CheckpointError, match="weights do not match the config"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_wrong_shapes(tmp_path):
+    model = small_model()
+    state = model.state_dict()
+    state["pos_embed"] = torch.zeros(1, 10, 32)
+    write_raw(tmp_path / "m.safetensors", state, good_metadata(model))
+    with pytest.raises(CheckpointError, match="pos_embed"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("drop", ["class_names", "mean", "config"])
+def test_missing_metadata(tmp_path, drop):
+    model = small_model()
+    meta = good_metadata(model)
+    del meta[drop]
+    write_raw(tmp_path / "m.safetensors", model.state_dict(), meta)
+    with pytest.raises(CheckpointError, match=f"lacks.*{drop}"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_no_vitdemo_metadata(tmp_path):
+    write_raw(tmp_path / "m.safetensors", small_model().state_dict(), None)
+    with pytest.raises(CheckpointError, match="no vitdemo metadata"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_invalid_config_values(tmp_path):
+    model = small_model()
+    meta = good_metadata(model)
+    meta["config"]["num_heads"] = 5
+    write_raw(tmp_path / "m.safetensors", model.state_dict(), meta)
+    with pytest.raises(CheckpointError, match="invalid config.*divisible"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_truncated_file(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", small_model(), CLASSES, PREP)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
+        load_checkpoint(path)
+
+
+def test_pickle_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    pth = tmp_path / "m.pth"
+    torch.save({"x": Evil()}, pth)
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_peer_weights(pth, "timm")
+    assert not marker.exists()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_peer_pth_is_converted(tmp_path):
+    model = vitdemo.create_model("vit_ti_16", depth=1)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pth")
+    state = load_peer_weights(tmp_path / "w.pth", "timm")
+    assert set(state) == set(model.state_dict())
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, small_model(), CLASSES, PREP)
+    before = path.read_bytes()
+
+    def fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+
+
+def test_full_disk_gives_clear_error_and_keeps_old_file(tmp_path, monkeypatch):
+    import errno
+
+    import vitdemo.checkpoint as ckpt
+
+    path = save_checkpoint(tmp_path / "m.safetensors", small_model(), CLASSES, PREP)
+    before = path.read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", no_space)
+    with pytest.raises(OSError, match="cannot write .*No space left on device"):
+        save_checkpoint(path, small_model(), CLASSES, PREP)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_unwritable_path_gives_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot write"):
+        save_checkpoint(blocker / "m.safetensors", small_model(), CLASSES, PREP)
+
+
+def test_read_metadata_without_weights(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", small_model(), CLASSES, PREP, recipe={"lr": 1e-3})
+    assert read_metadata(path)["recipe"] == {"lr": 1e-3}
+
+
+def test_unwrap():
+    model = small_model()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert unwrap(Wrapper(model)) is model
+    with pytest.raises(TypeError):
+        unwrap(torch.nn.Linear(2, 2))

@@ -1,0 +1,171 @@
+"""The training engine: it learns, stops, resumes on the same curve, and fails clearly."""
+
+import math
+
+import pytest
+import torch
+
+import vitdemo
+from vitdemo.checkpoint import load_checkpoint, preprocessing
+from vitdemo.data import synthetic_shapes
+from vitdemo.engine import (
+    RECIPES,
+    DoneEvent,
+    EpochEvent,
+    Recipe,
+    StepEvent,
+    TrainingError,
+    make_optimizer,
+    train,
+    warmup_cosine,
+)
+
+PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(num_classes=4, depth=2, embed_dim=64, num_heads=4, mlp_dim=128)
+    cfg.update(overrides)
+    return vitdemo.create_model("vit_cifar_4", **cfg)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    data = synthetic_shapes(num_classes=4, per_class=300, image_size=32, seed=0)
+    from vitdemo.data import stratified_split
+
+    tr, va = stratified_split(data.labels, 0.2, seed=0)
+    return data.subset(tr), data.subset(va)
+
+
+def run(model, shapes, recipe, **kwargs):
+    events = list(train(model, shapes[0], shapes[1], recipe, preprocess=PREP, device="cpu", **kwargs))
+    return events
+
+
+def test_learns_synthetic_shapes_well_above_chance(shapes):
+    recipe = RECIPES["small-data"].replace(epochs=20, batch_size=32, lr=3e-3, warmup=0.02, label_smoothing=0.0,
+                                           crop_padding=None)
+    events = run(small_model(), shapes, recipe, log_every=5)
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and not done.stopped
+    epochs = [e for e in events if isinstance(e, EpochEvent)]
+    assert len(epochs) == 20
+    assert epochs[-1].val_acc >= 0.5  # chance is 0.25; about 0.67 measured
+    assert epochs[-1].train_loss < epochs[0].train_loss
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    assert steps and steps[-1].step == steps[-1].total_steps == 20 * math.ceil(960 / 32)
+    assert set(done.history) >= {"train_loss", "train_acc", "test_loss", "test_acc"}
+    assert len(done.history["test_acc"]) == 20
+
+
+def test_stop_and_resume_continue_the_same_curve(shapes, tmp_path):
+    recipe = RECIPES["small-data"].replace(epochs=2, batch_size=64)
+    straight = run(small_model(), shapes, recipe)[-1].history
+
+    gen = train(small_model(), shapes[0], shapes[1], recipe, preprocess=PREP, device="cpu", out_dir=tmp_path)
+    for event in gen:
+        if isinstance(event, EpochEvent):
+            break
+    gen.close()  # as the app's Stop button does
+    first_epoch = load_checkpoint(tmp_path)[1]["metrics"]
+    assert first_epoch["epoch"] == 1
+
+    model = small_model(seed=99)  # different weights: resume must restore them
+    resumed = run(model, shapes, recipe, out_dir=tmp_path, resume=True)
+    assert len([e for e in resumed if isinstance(e, EpochEvent)]) == 1
+    history = resumed[-1].history
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert history[key] == pytest.approx(straight[key], rel=1e-4, abs=1e-6), key
+
+
+def test_should_stop_between_steps_leaves_last_checkpoint(shapes, tmp_path):
+    recipe = RECIPES["small-data"].replace(epochs=3, batch_size=64)
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 20  # 15 steps per epoch: stops in epoch 2
+
+    events = run(small_model(), shapes, recipe, out_dir=tmp_path, should_stop=should_stop)
+    assert events[-1].stopped
+    model, meta = load_checkpoint(tmp_path)
+    assert meta["metrics"]["epoch"] == 1
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_nan_loss_stops_with_clear_message(shapes):
+    model = small_model()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="loss became nan at step 1"):
+        run(model, shapes, RECIPES["small-data"].replace(epochs=1))
+
+
+def test_freeze_backbone_trains_only_the_head(shapes):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = RECIPES["finetune"].replace(epochs=2, batch_size=32, lr=0.05)
+    run(model, shapes, recipe, freeze_backbone=True)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_resume_needs_state(tmp_path, shapes):
+    with pytest.raises(TrainingError, match="cannot resume"):
+        run(small_model(), shapes, RECIPES["small-data"], out_dir=tmp_path, resume=True)
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path, shapes):
+    run(small_model(), shapes, RECIPES["small-data"].replace(epochs=1, batch_size=128), out_dir=tmp_path)
+    with pytest.raises(TrainingError, match="started with recipe"):
+        run(small_model(), shapes, RECIPES["small-data"].replace(epochs=1, batch_size=64), out_dir=tmp_path,
+            resume=True)
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(100, 0.1)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=0.01)
+    assert f(99) < 0.01
+    values = [f(s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = small_model()
+    opt = make_optimizer(model, RECIPES["small-data"])
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in no_decay} >= {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias"}
+    assert "blocks.0.attn.qkv.weight" in {names[i] for i in decay}
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_paper_recipe_is_adam_with_table_3_values():
+    r = RECIPES["paper"]
+    assert (r.optimizer, r.betas, r.lr, r.weight_decay, r.grad_clip) == ("adam", (0.9, 0.999), 3e-3, 0.3, 1.0)
+    assert isinstance(make_optimizer(small_model(), r), torch.optim.Adam)
+    assert isinstance(make_optimizer(small_model(), RECIPES["finetune"]), torch.optim.SGD)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(epochs=0), dict(batch_size=-1), dict(warmup=1.0),
+                                 dict(optimizer="lamb"), dict(label_smoothing=-0.1)])
+def test_bad_recipe(bad):
+    with pytest.raises(ValueError):
+        Recipe(**bad)
+
+
+def test_unknown_recipe_setting():
+    with pytest.raises(ValueError, match="unknown recipe setting"):
+        RECIPES["paper"].replace(learning_rate=1)
+
+
+def test_empty_training_set(shapes):
+    empty = shapes[0].subset(torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        list(train(small_model(), empty, None, RECIPES["small-data"], preprocess=PREP, device="cpu"))

@@ -1,0 +1,203 @@
+"""Checkpoints: one safetensors file that holds a model's weights and, in its header, the JSON
+metadata needed to rebuild and use it (config, class names, preprocessing, metrics, recipe).
+
+A safetensors file cannot run code when loaded, unlike a pickle, and keeping the metadata in the
+same file means weights and description can never drift apart. Every write is atomic: the file
+is written under a temporary name in the same directory, flushed to disk, then renamed over the
+old one, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ViTConfig
+from .model import VisionTransformer
+
+FORMAT = "vitdemo-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+# Where `load_checkpoint()` looks when given no path: the model shipped with the project.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "vit_cifar10" / WEIGHTS_NAME
+REQUIRED_METADATA = ("config", "class_names", "image_size", "mean", "std")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not describe its weights."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)`, then move the finished file to `path` in one rename.
+
+    The temporary file lives in the same directory (a rename across file systems is not
+    atomic). Errors such as a full disk or a read-only directory surface as `OSError` with the
+    path named, and leave whatever was at `path` before untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+        raise
+    return path
+
+
+def preprocessing(
+    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], resize: int | None = None,
+    interpolation: str = "bicubic",
+) -> dict[str, Any]:
+    """The input transform a model expects: resize the shorter side to `resize`, centre-crop to
+    `image_size`, scale to [0, 1], normalise with `mean` and `std`."""
+    return {
+        "image_size": int(image_size),
+        "resize": int(resize or image_size),
+        "interpolation": interpolation,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: VisionTransformer,
+    class_names: list[str],
+    preprocess: dict[str, Any],
+    **extra: Any,
+) -> Path:
+    """Write `model` and its metadata (config, class names, preprocessing, and any JSON-able
+    `extra` such as metrics or recipe) to one safetensors file, atomically."""
+    model = unwrap(model)
+    if model.config.num_classes and len(class_names) != model.config.num_classes:
+        raise CheckpointError(
+            f"{len(class_names)} class names for a model with {model.config.num_classes} outputs"
+        )
+    from . import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vitdemo_version": __version__,
+        "config": model.config.to_dict(),
+        "class_names": list(class_names),
+        **preprocess,
+        **extra,
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    header = {"vitdemo": json.dumps(metadata)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint, without loading its weights."""
+    from safetensors import safe_open
+
+    path = _resolve(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+    if "vitdemo" not in header:
+        raise CheckpointError(f"{path} has no vitdemo metadata (is it a vitdemo checkpoint?)")
+    try:
+        metadata = json.loads(header["vitdemo"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} has corrupt metadata: {err}") from err
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if not isinstance(metadata, dict) or missing:
+        raise CheckpointError(f"{path} metadata lacks {missing}")
+    return metadata
+
+
+def load_checkpoint(
+    path: str | Path | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Load a checkpoint written by `save_checkpoint` (default: the shipped CIFAR-10 model).
+
+    Returns the model in eval mode and its metadata: a dict with at least `class_names`,
+    `image_size`, `mean`, `std` (the normalisation the model expects) and `config`. Raises
+    `CheckpointError` with the reason for anything that is not a consistent checkpoint.
+    """
+    path = _resolve(path if path is not None else DEFAULT_CHECKPOINT)
+    metadata = read_metadata(path)
+    try:
+        config = ViTConfig.from_dict(metadata["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} has an invalid config: {err}") from err
+    if config.num_classes and len(metadata["class_names"]) != config.num_classes:
+        raise CheckpointError(
+            f"{path}: {len(metadata['class_names'])} class names but the config has {config.num_classes} classes"
+        )
+    try:
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+    model = VisionTransformer(config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match the config: {err}") from err
+    return model.to(map_location).eval(), metadata
+
+
+def load_peer_weights(path: str | Path, source: str) -> dict[str, torch.Tensor]:
+    """Read another implementation's weights (.safetensors, or .pth/.bin/.pt loaded with
+    `weights_only=True` so a pickle cannot run code) and convert them to vitdemo's names."""
+    from .convert import convert_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decode failure is the same user-facing problem
+        raise CheckpointError(f"cannot read weights from {path}: {err}") from err
+    for wrapper in ("state_dict", "model"):  # common training-script wrappers
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return convert_state_dict(state, source)
+
+
+def unwrap(model: nn.Module) -> VisionTransformer:
+    """The VisionTransformer inside DistributedDataParallel or torch.compile wrappers."""
+    while not isinstance(model, VisionTransformer):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a VisionTransformer, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path

@@ -1,0 +1,369 @@
+"""Command line: `python -m vitdemo train | evaluate | predict | export`.
+
+    python -m vitdemo train --data synthetic --preset vit_cifar_4 --epochs 5 --out runs/shapes
+    python -m vitdemo train --data ~/.cache/vitdemo/cifar10/train --preset vit_cifar_4 --out runs/cifar
+    python -m vitdemo evaluate --checkpoint runs/cifar --data ~/.cache/vitdemo/cifar10/train
+    python -m vitdemo predict photo.jpg --checkpoint runs/cifar
+    torchrun --nproc_per_node=2 -m vitdemo train ...      # DistributedDataParallel
+
+`python -m vitdemo COMMAND --help` explains every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import create_model, get_config, list_presets
+from .checkpoint import CheckpointError, load_checkpoint, preprocessing
+from .data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CIFAR10_CLASSES,
+    DataError,
+    ImageData,
+    load_cifar10,
+    load_image,
+    load_image_folder,
+    load_zip,
+    preprocess,
+    stratified_split,
+    synthetic_shapes,
+)
+from .engine import RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
+
+HALF = (0.5, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def load_data(source: str, image_size: int, data_root: str | None = None, download: bool = False,
+              max_images_per_class: int | None = None, seed: int = 0) -> tuple[ImageData, tuple, tuple]:
+    """The data set named by `source` and its default normalisation (mean, std).
+
+    `source` is "synthetic", "cifar10" (torchvision's copy in `data_root`, downloaded with
+    `download`), a directory of class folders, or a `.zip` of them.
+    """
+    if source == "synthetic":
+        return synthetic_shapes(image_size=image_size, seed=seed), HALF, HALF
+    if source == "cifar10":
+        return load_cifar10(data_root or "data", train=True, download=download), CIFAR_MEAN, CIFAR_STD
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".zip":
+        data = load_zip(path, image_size=image_size, max_images_per_class=max_images_per_class)
+    else:
+        data = load_image_folder(path, image_size=image_size, max_images_per_class=max_images_per_class)
+    cifar_like = list(data.class_names) == list(CIFAR10_CLASSES) and image_size == 32
+    return data, (CIFAR_MEAN if cifar_like else HALF), (CIFAR_STD if cifar_like else HALF)
+
+
+def split(data: ImageData, val_size: float, seed: int) -> tuple[ImageData, ImageData | None]:
+    """Stratified, seeded train/validation split (`val_size` images if >= 1, else a fraction)."""
+    if val_size == 0:
+        return data, None
+    size: int | float = int(val_size) if val_size >= 1 else val_size
+    train_idx, val_idx = stratified_split(data.labels, size, seed=seed)
+    return data.subset(train_idx), data.subset(val_idx)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set depth=6 drop_path_rate=0.1` -> {"depth": 6, "drop_path_rate": 0.1}."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects NAME=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _print(*args: Any) -> None:
+    if _is_main():
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .visualize import plot_history
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(args.device)
+    if world > 1:  # launched by torchrun
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend)
+    torch.manual_seed(args.seed)
+
+    # Model first: its image size and normalisation decide how the data are prepared.
+    init_meta = None
+    if args.init_from:
+        if args.init_from in ("torchvision", "timm"):
+            from .pretrained import load_pretrained
+
+            model, init_meta = load_pretrained(args.init_from)
+        else:
+            model, init_meta = load_checkpoint(args.init_from)
+        image_size = model.config.image_size[0]
+    else:
+        image_size = args.image_size or get_config(args.preset).image_size[0]
+
+    data, mean, std = load_data(args.data, image_size, args.data_root, args.download, args.max_images_per_class,
+                                seed=args.seed)
+    if data.skipped:
+        _print(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[:3]}")
+    if init_meta is not None:
+        mean, std = tuple(init_meta["mean"]), tuple(init_meta["std"])
+        if list(init_meta["class_names"]) != list(data.class_names):
+            model.reset_classifier(len(data.class_names))
+    else:
+        overrides = _overrides(args.set)
+        if args.image_size:
+            overrides["image_size"] = args.image_size
+        model = create_model(args.preset, num_classes=len(data.class_names), **overrides)
+    train_data, val_data = split(data, args.val_size, args.split_seed)
+
+    recipe = RECIPES[args.recipe].replace(**{k: v for k, v in (
+        ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+        ("weight_decay", args.weight_decay), ("warmup", args.warmup), ("label_smoothing", args.label_smoothing),
+        ("randaugment", args.randaugment or None)) if v is not None})
+    params = sum(p.numel() for p in model.parameters())
+    _print(f"{len(train_data)} training and {len(val_data) if val_data else 0} validation images, "
+           f"{len(data.class_names)} classes; model {params:,} parameters on {device}; recipe {recipe}")
+
+    prep = preprocessing(image_size, mean, std,
+                         resize=init_meta.get("resize") if init_meta else None,
+                         interpolation=init_meta.get("interpolation", "bicubic") if init_meta else "bicubic")
+    out = Path(args.out)
+    events = train(model, train_data, val_data, recipe, preprocess=prep, out_dir=out, seed=args.seed,
+                   device=device, resume=args.resume, freeze_backbone=args.freeze_backbone,
+                   log_every=args.log_every, metadata={"data": args.data, "split_seed": args.split_seed,
+                                                       "val_size": args.val_size})
+    bar = None
+    for event in events:
+        if isinstance(event, StepEvent):
+            if bar is None:
+                bar = tqdm(total=event.total_steps, disable=not _is_main(), unit="step", dynamic_ncols=True)
+            bar.update(event.step - bar.n)
+            bar.set_postfix(loss=f"{event.loss:.3f}", acc=f"{event.acc:.3f}", img_s=f"{event.images_per_sec:.0f}")
+        elif isinstance(event, EpochEvent):
+            val = (f" | test_loss: {event.val_loss:.4f} | test_acc: {event.val_acc:.4f}"
+                   if event.val_loss is not None else "")
+            line = (f"Epoch: {event.epoch} | train_loss: {event.train_loss:.4f} | train_acc: {event.train_acc:.4f}"
+                    f"{val} | {event.seconds:.0f}s")
+            (bar.write if bar is not None else _print)(line) if _is_main() else None
+        elif isinstance(event, DoneEvent) and _is_main():
+            if bar is not None:
+                bar.close()
+            results = {"history": event.history, "seconds": event.seconds, "stopped": event.stopped,
+                       "checkpoint": str(event.checkpoint), "recipe": recipe.to_dict(), "parameters": params,
+                       "args": {k: v for k, v in vars(args).items() if k != "func"}}
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            plot_history(event.history).savefig(out / "curves.png", dpi=120)
+            print(f"saved {event.checkpoint}, {out / 'results.json'} and {out / 'curves.png'}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .visualize import plot_confusion_matrix
+
+    model, meta = load_checkpoint(args.checkpoint)
+    data, _, _ = load_data(args.data, meta["image_size"], args.data_root, args.download)
+    if list(data.class_names) != list(meta["class_names"]):
+        raise DataError(f"the data's classes {data.class_names} are not the model's {meta['class_names']}")
+    _, val = split(data, args.val_size, args.split_seed)
+    val = val or data
+    if args.limit:
+        val = val.subset(torch.arange(min(args.limit, len(val))))
+    loss, acc, preds = evaluate(model, val, meta["mean"], meta["std"], device=select_device(args.device))
+    n = len(meta["class_names"])
+    matrix = torch.zeros(n, n, dtype=torch.long)
+    matrix.index_put_((val.labels, preds), torch.ones_like(preds), accumulate=True)
+    per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
+    report = {"images": len(val), "loss": loss, "accuracy": acc,
+              "per_class_accuracy": dict(zip(meta["class_names"], per_class)), "confusion_matrix": matrix.tolist()}
+    print(f"{len(val)} images: loss {loss:.4f}, top-1 accuracy {acc:.4f}")
+    for name, value in report["per_class_accuracy"].items():
+        print(f"  {name:>12}: {value:.4f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+        plot_confusion_matrix(matrix.numpy(), meta["class_names"]).savefig(out / "confusion_matrix.png", dpi=120)
+        print(f"saved {out / 'evaluation.json'} and {out / 'confusion_matrix.png'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model, meta = load_checkpoint(args.checkpoint)
+    for path in args.images:
+        x = preprocess(load_image(path), meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
+                       interpolation=meta.get("interpolation", "bicubic"))
+        with torch.no_grad():
+            probs = model(x).softmax(-1)[0]
+        top = probs.topk(min(args.topk, len(probs)))
+        labels = ", ".join(f"{meta['class_names'][i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{path}: {labels}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model, meta = load_checkpoint(args.checkpoint)
+    size = meta["image_size"]
+    example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised to a constant
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, out)
+    with torch.no_grad():
+        diff = (torch.export.load(out).module()(example) - model(example)).abs().max().item()
+    print(f"saved {out} (torch.export program; max |difference| to eager {diff:.2e})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from . import visualize as V
+
+    model, meta = load_checkpoint(args.checkpoint)
+    size, patch = meta["image_size"], model.config.patch_size
+    image = load_image(args.image)
+    x = preprocess(image, size, meta["mean"], meta["std"], resize=meta.get("resize"),
+                   interpolation=meta.get("interpolation", "bicubic"))
+    with torch.no_grad():
+        logits, attentions = model(x, return_attention=True)
+    label = meta["class_names"][logits.argmax(-1).item()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid, strip = V.patch_grid(image, patch, image_size=size)
+    shown = grid.size[0]  # the model's view, enlarged for small images
+    views = {
+        "patches.png": grid,
+        "patch_sequence.png": strip,
+        "position_similarity.png": V.plot_position_embedding_similarity(V.position_embedding_similarity(model)),
+        "rollout.png": V.overlay(image, V.attention_rollout(attentions, args.head_fusion, args.discard_ratio)[0],
+                                 size=shown),
+        "gradient_rollout.png": V.overlay(image, V.gradient_rollout(model, x)[0], size=shown),
+        "attention_distance.png": V.plot_mean_attention_distance(V.mean_attention_distance(attentions, patch), size),
+        "embedding_filters.png": V.plot_patch_embedding_components(V.patch_embedding_components(model)),
+    }
+    last = V.token_attention(attentions, layer=len(attentions) - 1)[0]  # class token, last layer, per head
+    views["heads_last_layer.png"] = V.image_row([V.heatmap(m, size=96) for m in last])
+    for name, view in views.items():
+        (view if hasattr(view, "save") else V.figure_to_image(view)).save(out / name)
+    print(f"predicted {label}; wrote {', '.join(views)} to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vitdemo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", required=True,
+                       help="'synthetic' (built in, offline), 'cifar10' (torchvision's copy in --data-root), "
+                            "a directory of class folders (root/<class>/<image>), or a .zip of them")
+        p.add_argument("--data-root", default="data", help="where torchvision's CIFAR-10 lives (default: data)")
+        p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing (needs internet)")
+        p.add_argument("--val-size", type=float, default=0.1,
+                       help="validation images: a count if >= 1, else a fraction (default 0.1; 0 = none)")
+        p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default 0)")
+        p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+
+    t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune a ViT.")
+    data_options(t)
+    t.add_argument("--out", required=True, help="run directory: model.safetensors, train_state.pt, results.json, "
+                                                 "curves.png")
+    t.add_argument("--preset", default="vit_cifar_4", choices=list_presets(), help="model preset (default vit_cifar_4)")
+    t.add_argument("--image-size", type=int, help="train at this resolution (default: the preset's)")
+    t.add_argument("--set", nargs="*", metavar="NAME=VALUE",
+                   help="override model hyper-parameters, e.g. --set depth=6 drop_path_rate=0.1")
+    t.add_argument("--init-from", help="fine-tune: a vitdemo checkpoint, or 'torchvision' / 'timm' for "
+                                       "pre-trained ImageNet ViT-B/16 (downloaded; needs internet)")
+    t.add_argument("--freeze-backbone", action="store_true", help="train only the head (features cached once)")
+    t.add_argument("--recipe", default="small-data", choices=list(RECIPES),
+                   help="optimisation recipe (default small-data); the options below override its values")
+    t.add_argument("--epochs", type=int, help="passes over the training set")
+    t.add_argument("--batch-size", type=int, help="images per optimiser step (per process under torchrun)")
+    t.add_argument("--lr", type=float, help="peak learning rate, reached after warm-up")
+    t.add_argument("--weight-decay", type=float, help="decoupled weight decay on weight matrices")
+    t.add_argument("--warmup", type=float, help="fraction of steps spent warming up")
+    t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy loss")
+    t.add_argument("--randaugment", action="store_true", help="add RandAugment (pays only on long schedules)")
+    t.add_argument("--max-images-per-class", type=int, help="use at most this many images of each class")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    e.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
+    data_options(e)
+    e.add_argument("--limit", type=int, help="evaluate only the first N validation images")
+    e.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png")
+    e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify images")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
+    p.add_argument("--topk", type=int, default=5, help="how many classes to print (default 5)")
+    p.set_defaults(func=cmd_predict)
+
+    v = sub.add_parser("explain", help="write every visualisation of one image as PNG files")
+    v.add_argument("image", help="an image file")
+    v.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
+    v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
+    v.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: share of weakest attention dropped")
+    v.set_defaults(func=cmd_explain)
+
+    x = sub.add_parser("export", help="export a checkpoint as a torch.export program (.pt2)")
+    x.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
+    x.add_argument("--out", required=True, help="output file, e.g. model.pt2")
+    x.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError, TrainingError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last epoch's checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130

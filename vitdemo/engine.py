@@ -1,0 +1,426 @@
+"""The training engine: one loop, written as a generator of events, that the command line
+prints, the app streams into live plots, and `torchrun` runs on several processes.
+
+    for event in train(model, train_data, val_data, RECIPES["small-data"], out_dir="runs/x"):
+        print(event)
+
+Closing the generator (or `should_stop()` returning True) stops between two optimiser steps;
+the model then holds the weights of the last completed step and the last epoch's checkpoint
+on disk is intact. Every epoch draws its shuffling, augmentation and dropout randomness from
+`seed` and the epoch number alone, so a resumed run continues exactly the same curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import WEIGHTS_NAME, atomic_write, save_checkpoint, unwrap
+from .data import BatchAugment, ImageData, iterate_batches, normalize
+from .model import VisionTransformer
+
+STATE_NAME = "train_state.pt"
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to optimise: optimiser, learning-rate schedule (linear warm-up, then cosine decay to
+    zero), regularisation and augmentation."""
+
+    optimizer: str = "adamw"  # "adam", "adamw" or "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # decoupled (AdamW-style); never applied to biases, norms, embeddings
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # SGD only
+    epochs: int = 10
+    batch_size: int = 128
+    warmup: float = 0.05  # fraction of all steps spent warming up
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 switches clipping off
+    crop_padding: int | None = 4  # random crop after zero padding; None switches it off
+    flip: bool = True
+    randaugment: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
+        checks = {
+            "lr": self.lr > 0,
+            "epochs": isinstance(self.epochs, int) and self.epochs > 0,
+            "batch_size": isinstance(self.batch_size, int) and self.batch_size > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup": 0 <= self.warmup < 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "grad_clip": self.grad_clip >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "invalid recipe: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+                + " (lr, epochs, batch_size > 0; weight_decay, grad_clip >= 0; warmup, label_smoothing in [0, 1))"
+            )
+
+    def replace(self, **changes: Any) -> "Recipe":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown recipe setting(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {
+    # Table 3 of the paper: Adam (0.9, 0.999), warm-up then cosine, weight decay, clipping at 1.
+    # lr and weight decay are its ImageNet-1k values (batch 4096); made for big data.
+    "paper": Recipe(optimizer="adam", lr=3e-3, weight_decay=0.3, warmup=0.1, label_smoothing=0.0),
+    # For small data sets trained from scratch (REFERENCE.md section 6; DeiT-like, shorter).
+    "small-data": Recipe(),
+    # The paper's fine-tuning: SGD with momentum 0.9, no weight decay, clipping at 1, cosine.
+    "finetune": Recipe(optimizer="sgd", lr=0.01, weight_decay=0.0, warmup=0.05, label_smoothing=0.0, batch_size=64),
+}
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """Weight decay on the weight matrices only: biases, LayerNorms, the class token and
+    position embeddings are left alone, as in timm and the reference code."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
+    return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas, decoupled_weight_decay=True)
+
+
+def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor at a step: linear warm-up over the first `warmup` share of steps,
+    then cosine decay to zero."""
+    warmup_steps = int(total_steps * warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepEvent:
+    epoch: int
+    step: int  # optimiser steps done so far, over the whole run
+    total_steps: int
+    loss: float  # mean over the steps since the last StepEvent
+    acc: float
+    lr: float
+    images_per_sec: float
+    eta_seconds: float
+    kind: str = "step"
+
+
+@dataclass
+class EpochEvent:
+    epoch: int  # 1-based: epochs completed
+    epochs: int
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    seconds: float
+    checkpoint: Path | None
+    kind: str = "epoch"
+
+
+@dataclass
+class DoneEvent:
+    history: dict[str, list[float]]
+    stopped: bool  # True when stopped before the last epoch
+    seconds: float
+    checkpoint: Path | None
+    kind: str = "done"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, incompatible resume state)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """`name` if given, else the best available: CUDA, then Apple's MPS, then the CPU."""
+    if name and name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum metric counters over all processes (a no-op on one)."""
+    if _dist()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast pays on GPUs; on CPUs without native bf16 it is several times slower.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ImageData | Features, mean, std, batch_size: int = 256, device: torch.device | str = "cpu",
+    inputs_are_features: bool = False,
+) -> tuple[float, float, Tensor]:
+    """Mean cross-entropy, accuracy and the predicted class of every item of `data`.
+    With several processes each evaluates its share and the totals are summed."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    rank, world = _dist()
+    loss_sum, correct, count, preds = 0.0, 0.0, 0.0, []
+    for x, y in iterate_batches(data, batch_size, shuffle=False, rank=rank, world_size=world):
+        x = x.to(device) if inputs_are_features else normalize(x.to(device), mean, std)
+        y = y.to(device)
+        with _autocast(device):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        correct += (pred == y).sum().item()
+        count += len(y)
+        preds.append(pred.cpu())
+    model.train(was_training)
+    loss_sum, correct, count = _all_sum([loss_sum, correct, count], device)
+    return loss_sum / max(count, 1), correct / max(count, 1), torch.cat(preds) if preds else torch.empty(0)
+
+
+@dataclass
+class Features:
+    """Class-token features standing in for images when only the head is trained."""
+
+    images: Tensor  # float (N, D)
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@torch.no_grad()
+def extract_features(model: VisionTransformer, data: ImageData, mean, std, batch_size: int = 256,
+                     device: torch.device | str = "cpu") -> Features:
+    """The class-token features (what the head reads) of every image, computed once, so that
+    training only the head costs one pass over the data instead of one per epoch."""
+    model.eval()
+    feats = []
+    for x, _ in iterate_batches(data, batch_size, shuffle=False):
+        with _autocast(torch.device(device)):
+            feats.append(model.forward_features(normalize(x.to(device), mean, std))[0][:, 0].float().cpu())
+    return Features(torch.cat(feats), data.labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(
+    model: VisionTransformer,
+    train_data: ImageData,
+    val_data: ImageData | None,
+    recipe: Recipe,
+    *,
+    preprocess: dict[str, Any],
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    freeze_backbone: bool = False,
+    log_every: int = 20,
+    should_stop: Callable[[], bool] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Iterator[StepEvent | EpochEvent | DoneEvent]:
+    """Train `model` on `train_data`, validating on `val_data` after every epoch.
+
+    With `out_dir`, every epoch atomically writes `model.safetensors` (weights and metadata,
+    see `vitdemo.checkpoint`) and `train_state.pt` (optimiser, schedule, epoch, history), and
+    `resume=True` continues from them. `preprocess` (see `vitdemo.checkpoint.preprocessing`)
+    gives the normalisation and is stored with the model, as is `metadata` (any JSON-able
+    facts, e.g. the data source). With `freeze_backbone`, only the head is trained, on
+    class-token features computed once. Yields `StepEvent`s every `log_every` steps, an
+    `EpochEvent` per epoch and a final `DoneEvent`.
+    """
+    device = select_device(str(device) if device is not None else None)
+    if device.type == "cpu":
+        # Denormal floats (tiny values late in training) can make CPU steps 10-20x slower.
+        torch.set_flush_denormal(True)
+    rank, world = _dist()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    model.to(device)
+    base = unwrap(model)
+    mean, std = preprocess["mean"], preprocess["std"]
+    if len(train_data) == 0:
+        raise ValueError("the training set is empty")
+
+    # What is optimised, and what it reads: images (augmented on the batch) or cached features.
+    if freeze_backbone:
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for p in base.head.parameters():
+            p.requires_grad_(True)
+        train_inputs = extract_features(base, train_data, mean, std, device=device)
+        val_inputs = extract_features(base, val_data, mean, std, device=device) if val_data else None
+        net: nn.Module = base.head
+        augment = None
+    else:
+        train_inputs, val_inputs, net = train_data, val_data, model
+        augment = BatchAugment(base.config.image_size[0], mean, std, crop_padding=recipe.crop_padding,
+                               flip=recipe.flip, randaugment=recipe.randaugment)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    steps_per_epoch = math.ceil(len(train_inputs) / (recipe.batch_size * world))
+    total_steps = steps_per_epoch * recipe.epochs
+    optimizer = make_optimizer(net, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, recipe.warmup))
+    history: dict[str, list[float | None]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": [], "lr": []}
+    start_epoch, step = 0, 0
+
+    state_path = out_dir / STATE_NAME if out_dir else None
+    if resume:
+        if state_path is None or not state_path.exists():
+            raise TrainingError(f"cannot resume: no {STATE_NAME} in {out_dir}")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["recipe"] != _jsonable(recipe.to_dict()) or state["seed"] != seed:
+            raise TrainingError(
+                f"cannot resume {out_dir}: it was started with recipe {state['recipe']} and seed {state['seed']}"
+            )
+        base.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+
+    checkpoint = out_dir / WEIGHTS_NAME if out_dir else None
+    run_start = time.perf_counter()
+    stopped = False
+    for epoch in range(start_epoch, recipe.epochs):
+        # Randomness of this epoch depends on (seed, epoch) only: resuming repeats it exactly.
+        torch.manual_seed(seed * 100_003 + epoch)
+        order = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed * 7 + epoch)
+        net.train()
+        epoch_start = time.perf_counter()
+        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n for the epoch
+        window = [0.0, 0.0, 0.0, time.perf_counter()]  # the same since the last StepEvent
+        for x, y in iterate_batches(train_inputs, recipe.batch_size, shuffle=True, generator=order,
+                                    rank=rank, world_size=world):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if augment is not None:
+                x = augment(x, generator=aug_gen)
+            with _autocast(device):
+                logits = net(x).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"the loss became {loss_value} at step {step + 1} (epoch {epoch + 1}, lr "
+                    f"{scheduler.get_last_lr()[0]:.3g}); training stopped. Lower the learning rate or "
+                    f"check the data; the last epoch's checkpoint is intact"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.grad_clip:
+                nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            n, correct = len(y), (logits.argmax(1) == y).sum().item()
+            for acc in (sums, window):
+                acc[0] += loss_value * n
+                acc[1] += correct
+                acc[2] += n
+            if step % log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = window[2] * world / max(now - window[3], 1e-9)
+                remaining = (total_steps - step) * recipe.batch_size * world / max(rate, 1e-9)
+                yield StepEvent(epoch + 1, step, total_steps, window[0] / window[2], window[1] / window[2],
+                                scheduler.get_last_lr()[0], rate, remaining)
+                window = [0.0, 0.0, 0.0, time.perf_counter()]
+        if stopped:
+            break
+
+        train_loss, train_acc, count = _all_sum(sums, device)
+        train_loss, train_acc = train_loss / max(count, 1), train_acc / max(count, 1)
+        val_loss = val_acc = None
+        if val_inputs is not None and len(val_inputs):
+            val_loss, val_acc, _ = evaluate(net, val_inputs, mean, std, device=device,
+                                            inputs_are_features=freeze_backbone)
+        for key, value in (("train_loss", train_loss), ("train_acc", train_acc), ("test_loss", val_loss),
+                           ("test_acc", val_acc), ("lr", scheduler.get_last_lr()[0])):
+            history[key].append(value)
+
+        if out_dir is not None and rank == 0:
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                       "val_loss": val_loss, "val_acc": val_acc}
+            save_checkpoint(checkpoint, base, train_data.class_names, preprocess,
+                            metrics=metrics, recipe=recipe.to_dict(), seed=seed, history=history,
+                            **(metadata or {}))
+            state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                     "history": history, "recipe": _jsonable(recipe.to_dict()), "seed": seed}
+            atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
+        if world > 1:
+            dist.barrier()
+        yield EpochEvent(epoch + 1, recipe.epochs, train_loss, train_acc, val_loss, val_acc,
+                         time.perf_counter() - epoch_start, checkpoint)
+
+    yield DoneEvent(history, stopped, time.perf_counter() - run_start, checkpoint)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """Tuples become lists, so a recipe compares equal after a round trip through a file."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+__all__ = [
+    "RECIPES", "DoneEvent", "EpochEvent", "Recipe", "StepEvent", "TrainingError", "evaluate",
+    "extract_features", "make_optimizer", "select_device", "train", "warmup_cosine",
+]
