@@ -168,9 +168,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     for event in events:
         if isinstance(event, StepEvent):
             if bar is None:
-                bar = tqdm(total=event.total_steps, disable=not _is_main(), unit="step", dynamic_ncols=True)
+                # tqdm's own rate would count the steps before the first event (resume) as instant.
+                bar = tqdm(total=event.total_steps, disable=not _is_main(), dynamic_ncols=True,
+                           bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
             bar.update(event.step - bar.n)
-            bar.set_postfix(loss=f"{event.loss:.3f}", acc=f"{event.acc:.3f}", img_s=f"{event.images_per_sec:.0f}")
+            bar.set_postfix_str(f"epoch {event.epoch}, loss {event.loss:.3f}, acc {event.acc:.3f}, "
+                                f"{event.images_per_sec:.0f} img/s, {event.eta_seconds / 60:.0f} min left")
         elif isinstance(event, EpochEvent):
             val = (f" | test_loss: {event.val_loss:.4f} | test_acc: {event.val_acc:.4f}"
                    if event.val_loss is not None else "")

@@ -1,0 +1,210 @@
+"""Benchmarks that print figures and ratios measured in one run, on this machine.
+
+    python benchmarks/bench.py                 # everything
+    python benchmarks/bench.py rollout data    # some sections
+
+Sections:
+  inference  ViT-B/16 images/s at batch 1 and 16: vitdemo, timm, torchvision (same weights), and
+             the achieved GFLOP/s next to a measured fp32 matmul peak
+  train      training step of the CIFAR preset: vitdemo against timm
+  rollout    one image's forward with attention maps + rollout, against a plain forward
+  data       training images/s through the real data path (in-memory uint8, batch augmentation)
+             against the same model on ready-made tensors
+
+Every comparison is interleaved (A, B, A, B, ...) and repeated; the median and the spread
+(min-max) are printed. Machines are noisy: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import vitdemo  # noqa: E402
+from vitdemo import visualize  # noqa: E402
+from vitdemo.data import BatchAugment, iterate_batches, synthetic_shapes  # noqa: E402
+from vitdemo.engine import RECIPES, make_optimizer  # noqa: E402
+
+VIT_B16_GMACS = 17.58  # forward pass of ViT-B/16 at 224 px, per image (REFERENCE.md section 1)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in turn `repeats` times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], per_call: float, unit: str, baseline: str | None = None) -> None:
+    print(f"\n{title}")
+    base = statistics.median(times[baseline]) if baseline else None
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rate = per_call / med
+        spread = f"{per_call / max(ts):.1f}-{per_call / min(ts):.1f}"
+        ratio = f"  {base / med:.2f}x {baseline}" if base and name != baseline else ""
+        print(f"  {name:<28} {rate:8.1f} {unit}  (range {spread}){ratio}")
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * n**3 / min(t) / 1e9
+
+
+def section_inference(repeats: int) -> None:
+    torch.manual_seed(0)
+    ours = vitdemo.create_model("vit_b_16").eval()
+    models = {"vitdemo": ours}
+    try:
+        import timm
+
+        models["timm"] = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+        models["timm"].load_state_dict(ours.state_dict())
+    except ImportError:
+        print("timm not installed: skipped")
+    try:
+        import torchvision
+
+        tv = torchvision.models.vit_b_16().eval()
+        models["torchvision"] = tv
+    except ImportError:
+        print("torchvision not installed: skipped")
+    peak = matmul_peak()
+    for batch in (1, 16):
+        x = torch.randn(batch, 3, 224, 224)
+
+        def run(m):
+            def f():
+                with torch.inference_mode():
+                    m(x)
+            return f
+
+        times = interleaved({k: run(m) for k, m in models.items()}, repeats)
+        report(f"ViT-B/16 inference, batch {batch} (fp32, {torch.get_num_threads()} threads)", times, batch,
+               "img/s", baseline="timm" if "timm" in models else None)
+        best = batch / min(times["vitdemo"])
+        print(f"  vitdemo achieves {best * VIT_B16_GMACS * 2:.0f} GFLOP/s = "
+              f"{best * VIT_B16_GMACS * 2 / peak:.0%} of the measured fp32 matmul peak ({peak:.0f} GFLOP/s)")
+
+
+def train_step(model: torch.nn.Module, batch: int = 128) -> Callable[[], None]:
+    opt = make_optimizer(model, RECIPES["small-data"])
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step():
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def section_train(repeats: int) -> None:
+    cfg = vitdemo.get_config("vit_cifar_4")
+    torch.manual_seed(0)
+    fns = {"vitdemo": train_step(vitdemo.create_model("vit_cifar_4", num_classes=10).train())}
+    try:
+        import timm
+
+        peer = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                                 embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                                 mlp_ratio=cfg.mlp_dim / cfg.embed_dim, num_classes=10).train()
+        fns["timm"] = train_step(peer)
+    except ImportError:
+        print("timm not installed: skipped")
+    report("Training step, vit_cifar_4, batch 128 (AdamW, synthetic tensors)", interleaved(fns, repeats), 128,
+           "img/s", baseline="timm" if "timm" in fns else None)
+
+
+def section_rollout(repeats: int) -> None:
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_b_16").eval()
+    x = torch.randn(1, 3, 224, 224)
+
+    def plain():
+        with torch.inference_mode():
+            model(x)
+
+    def with_rollout():
+        with torch.inference_mode():
+            _, attentions = model(x, return_attention=True)
+            visualize.attention_rollout(attentions)
+
+    report("ViT-B/16, one image: forward with attention maps and rollout", interleaved(
+        {"plain forward": plain, "forward + attention + rollout": with_rollout}, repeats), 1, "img/s",
+        baseline="plain forward")
+    print("  (a ratio of 0.67x or more meets the goal: rollout costs at most 1.5x a plain forward)")
+
+
+def section_data(repeats: int) -> None:
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_cifar_4", num_classes=10).train()
+    opt = make_optimizer(model, RECIPES["small-data"])
+    data = synthetic_shapes(num_classes=8, per_class=128, image_size=32, seed=0)
+    batch = 128
+    for randaugment in (False, True):
+        augment = BatchAugment(32, (0.5,) * 3, (0.5,) * 3, randaugment=randaugment)
+        ready = [(torch.randn(batch, 3, 32, 32), torch.randint(0, 8, (batch,))) for _ in range(8)]
+
+        def step(x, y):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def real_path():
+            gen = torch.Generator().manual_seed(0)
+            for images, labels in iterate_batches(data, batch, shuffle=True, generator=gen):
+                step(augment(images, generator=gen), labels)
+
+        def tensors():
+            for x, y in ready:
+                step(x, y)
+
+        times = interleaved({"synthetic tensors": tensors, "real data path": real_path}, repeats)
+        name = "crop + flip + RandAugment" if randaugment else "crop + flip"
+        report(f"Training vit_cifar_4 with data path ({name}), 8 batches of 128", times, 8 * batch, "img/s",
+               baseline="synthetic tensors")
+        cost = statistics.median(times["real data path"]) / statistics.median(times["synthetic tensors"]) - 1
+        print(f"  the data path costs {cost:+.1%} (goal: under 10%)")
+
+
+SECTIONS = {"inference": section_inference, "train": section_train, "rollout": section_rollout, "data": section_data}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", choices=[*SECTIONS, []], help="sections to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=7, help="measurements per implementation (default 7)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for name in args.sections or SECTIONS:
+        SECTIONS[name](args.repeats)
+
+
+if __name__ == "__main__":
+    main()
