@@ -104,3 +104,48 @@ def test_help_explains_every_option():
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "vitdemo", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
+
+
+def test_explain_writes_every_view(run_dir, tmp_path, capsys):
+    img = tmp_path / "in.png"
+    Image.new("RGB", (40, 40), (20, 200, 20)).save(img)
+    out = tmp_path / "views"
+    assert main(["explain", str(img), "--checkpoint", str(run_dir), "--out", str(out), "--discard-ratio", "0.5"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"patches.png", "patch_sequence.png", "position_similarity.png", "rollout.png",
+                     "gradient_rollout.png", "attention_distance.png", "embedding_filters.png",
+                     "heads_last_layer.png"}
+    for name in names:
+        with Image.open(out / name) as im:
+            assert im.size[0] > 30 and im.size[1] > 10, name
+    assert capsys.readouterr().out.startswith("predicted ")
+
+
+def test_fine_tune_from_peer_weights_file(tmp_path, capsys):
+    """A timm-named .pth of a 48 px model fine-tunes at 32 px on other classes."""
+    import torch
+
+    import vitdemo
+
+    peer = vitdemo.create_model("vit_cifar_4", num_classes=7, image_size=48, depth=1, embed_dim=32, num_heads=2,
+                                mlp_dim=64)
+    torch.save(peer.state_dict(), tmp_path / "peer.pth")
+    out = tmp_path / "ft"
+    assert main(["train", "--data", "synthetic", "--out", str(out), "--epochs", "1", "--device", "cpu",
+                 "--init-from", str(tmp_path / "peer.pth"), "--init-source", "timm", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "resampled from 12x12 to 8x8" in printed and "head skipped" in printed
+    model, meta = load_checkpoint(out)
+    assert model.config.num_classes == 4
+
+
+def test_fine_tune_from_checkpoint_with_frozen_backbone(run_dir, tmp_path):
+    import torch
+
+    out = tmp_path / "frozen"
+    assert main(["train", "--data", "synthetic", "--out", str(out), "--epochs", "1", "--device", "cpu",
+                 "--init-from", str(run_dir), "--freeze-backbone", "--recipe", "finetune"]) == 0
+    before, _ = load_checkpoint(run_dir)
+    after, _ = load_checkpoint(out)
+    assert torch.equal(before.blocks[0].attn.qkv.weight, after.blocks[0].attn.qkv.weight)
+    assert not torch.equal(before.head.weight, after.head.weight)

@@ -78,3 +78,24 @@ def test_torchvision_names_map_to_ours():
     converted = convert_state_dict(tv, "torchvision")
     assert set(converted) == set(vitdemo.create_model("vit_b_32").state_dict())
     assert torch.equal(converted["blocks.3.attn.qkv.weight"], tv["encoder.layers.encoder_layer_3.self_attention.in_proj_weight"])
+
+
+def test_load_weights_resamples_position_embeddings_and_skips_a_foreign_head():
+    torch.manual_seed(0)
+    source = vitdemo.create_model("vit_ti_16", depth=2)  # 224 px, 1000 classes
+    target = vitdemo.create_model("vit_ti_16", depth=2, image_size=384, num_classes=10)
+    fresh_head = target.head.weight.clone()
+    notes = vitdemo.load_weights(target, source.state_dict())
+    assert any("resampled from 14x14 to 24x24" in n for n in notes)
+    assert any("head skipped" in n for n in notes)
+    assert torch.equal(target.head.weight, fresh_head)
+    assert torch.equal(target.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    assert torch.equal(target.pos_embed[:, 0], source.pos_embed[:, 0])
+    assert target(torch.randn(1, 3, 384, 384)).shape == (1, 10)
+
+
+def test_load_weights_refuses_another_architecture():
+    source = vitdemo.create_model("vit_ti_16", depth=2)
+    target = vitdemo.create_model("vit_ti_16", depth=3)
+    with pytest.raises(ValueError, match="missing.*blocks.2"):
+        vitdemo.load_weights(target, source.state_dict())

@@ -693,3 +693,12 @@ def test_augment_on_gpu_with_a_gpu_generator_matches_the_cpu_semantics():
     cropped = BatchAugment(8, CIFAR_MEAN, CIFAR_STD, randaugment=True)(x, torch.Generator(device="cuda").manual_seed(0))
     assert cropped.shape == (32, 3, 8, 8) and torch.isfinite(cropped).all()
     assert torch.equal(aug(x, torch.Generator().manual_seed(1)).cpu(), aug(x.cpu(), torch.Generator().manual_seed(1)))
+
+
+def test_unpadded_ranks_split_evaluation_exactly():
+    data = synthetic_shapes(num_classes=2, per_class=5, image_size=8, seed=0)  # 10 images
+    seen = []
+    for rank in range(3):
+        for _, labels in iterate_batches(data, 2, shuffle=False, rank=rank, world_size=3, pad=False):
+            seen.append(len(labels))
+    assert sum(seen) == 10  # no image counted twice (padding would give 12)

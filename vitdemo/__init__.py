@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import DEFAULT_PRESET, PRESETS, ViTConfig, get_config, list_presets
-from .convert import convert_state_dict
+from .convert import convert_state_dict, load_weights
 from .model import VisionTransformer, resample_pos_embed
 
 __version__ = "0.1.0"
@@ -34,5 +34,6 @@ __all__ = [
     "create_model",
     "get_config",
     "list_presets",
+    "load_weights",
     "resample_pos_embed",
 ]

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from . import create_model, get_config, list_presets
-from .checkpoint import CheckpointError, load_checkpoint, preprocessing
+from . import create_model, get_config, list_presets, load_weights
+from .checkpoint import CheckpointError, load_checkpoint, load_peer_weights, preprocessing
 from .data import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -120,18 +120,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.distributed.init_process_group(backend)
     torch.manual_seed(args.seed)
 
-    # Model first: its image size and normalisation decide how the data are prepared.
+    # A starting point's image size and normalisation decide how the data are prepared.
     init_meta = None
-    if args.init_from:
-        if args.init_from in ("torchvision", "timm"):
-            from .pretrained import load_pretrained
+    if args.init_from in ("torchvision", "timm"):
+        from .pretrained import load_pretrained
 
-            model, init_meta = load_pretrained(args.init_from)
-        else:
-            model, init_meta = load_checkpoint(args.init_from)
-        image_size = model.config.image_size[0]
-    else:
-        image_size = args.image_size or get_config(args.preset).image_size[0]
+        init_model, init_meta = load_pretrained(args.init_from)
+    elif args.init_from and not args.init_source:
+        init_model, init_meta = load_checkpoint(args.init_from)
+    image_size = args.image_size or (init_meta["image_size"] if init_meta else get_config(args.preset).image_size[0])
 
     data, mean, std = load_data(args.data, image_size, args.data_root, args.download, args.max_images_per_class,
                                 seed=args.seed)
@@ -139,6 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[:3]}")
     if init_meta is not None:
         mean, std = tuple(init_meta["mean"]), tuple(init_meta["std"])
+        model = init_model
+        if args.image_size and args.image_size != model.config.image_size[0]:
+            model.set_image_size(args.image_size)  # the paper's fine-tuning at higher resolution
         if list(init_meta["class_names"]) != list(data.class_names):
             model.reset_classifier(len(data.class_names))
     else:
@@ -146,6 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.image_size:
             overrides["image_size"] = args.image_size
         model = create_model(args.preset, num_classes=len(data.class_names), **overrides)
+        if args.init_from:  # another implementation's weights file, in --init-source's names
+            for note in load_weights(model, load_peer_weights(args.init_from, args.init_source)):
+                _print(note)
     train_data, val_data = split(data, args.val_size, args.split_seed)
 
     recipe = RECIPES[args.recipe].replace(**{k: v for k, v in (
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override model hyper-parameters, e.g. --set depth=6 drop_path_rate=0.1")
     t.add_argument("--init-from", help="fine-tune: a vitdemo checkpoint, or 'torchvision' / 'timm' for "
                                        "pre-trained ImageNet ViT-B/16 (downloaded; needs internet)")
+    t.add_argument("--init-source", choices=["timm", "torchvision", "hf"],
+                   help="--init-from is another implementation's weights file (.pth, .bin or .safetensors) "
+                        "with these parameter names; --preset must describe its architecture")
     t.add_argument("--freeze-backbone", action="store_true", help="train only the head (features cached once)")
     t.add_argument("--recipe", default="small-data", choices=list(RECIPES),
                    help="optimisation recipe (default small-data); the options below override its values")

@@ -125,3 +125,41 @@ def _missing_keys(converted: Mapping[str, Tensor]) -> list[str]:
     if any(k in converted for k in _HEAD_KEYS):
         needed += _HEAD_KEYS
     return [k for k in needed if k not in converted]
+
+
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Load converted weights into `model` (vitdemo names), adapting what fine-tuning changes:
+
+    - position embeddings for another patch grid are resampled in 2-D to the model's grid
+      (the paper's section 3.2, see `resample_pos_embed`);
+    - a head of another size (or none) is skipped, so the model keeps its fresh head.
+
+    Everything else must match exactly. Returns notes on what was adapted.
+    """
+    from .model import resample_pos_embed
+
+    state = dict(state_dict)
+    target = model.state_dict()
+    notes = []
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != target["pos_embed"].shape:
+        old = pos.shape[1] - 1
+        side = int(old**0.5)
+        old_grid = (side, side) if side * side == old else None
+        if old_grid is None:
+            raise ValueError(f"cannot resample {old} position embeddings: not a square grid")
+        state["pos_embed"] = resample_pos_embed(pos, model.config.grid_size, old_grid)
+        notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to "
+                     f"{model.config.grid_size[0]}x{model.config.grid_size[1]}")
+    head = [k for k in ("head.weight", "head.bias") if k in state]
+    if head and any(k not in target or state[k].shape != target[k].shape for k in head):
+        for k in head:
+            del state[k]
+        notes.append("head skipped (different number of classes): the model keeps its new head")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    if not head and "head.weight" in target:
+        notes.append("no head in the weights: the model keeps its new head")
+    return notes

@@ -531,12 +531,14 @@ def iterate_batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    pad: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of (uint8 images, labels) batches.
 
     With `world_size` > 1 every rank must pass a generator in the same state: each takes every
     world_size-th index of the same permutation, padded (by repeating its start, as
-    DistributedSampler does) so all ranks run the same number of batches.
+    DistributedSampler does) so all ranks run the same number of batches. Evaluation passes
+    `pad=False` so that no image is counted twice.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -544,7 +546,9 @@ def iterate_batches(
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    if world_size > 1 and n:
+    if world_size > 1 and n and not pad:
+        order = order[rank::world_size]
+    elif world_size > 1 and n:
         padded = math.ceil(n / world_size) * world_size
         order = torch.cat([order, order.repeat(math.ceil(padded / n))])[:padded][rank::world_size]
     stop = len(order) - len(order) % batch_size if drop_last else len(order)

@@ -209,13 +209,14 @@ def evaluate(
     inputs_are_features: bool = False,
 ) -> tuple[float, float, Tensor]:
     """Mean cross-entropy, accuracy and the predicted class of every item of `data`.
-    With several processes each evaluates its share and the totals are summed."""
+    With several processes each evaluates its own share (predictions are of that share) and the
+    loss and accuracy are summed over all."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     rank, world = _dist()
     loss_sum, correct, count, preds = 0.0, 0.0, 0.0, []
-    for x, y in iterate_batches(data, batch_size, shuffle=False, rank=rank, world_size=world):
+    for x, y in iterate_batches(data, batch_size, shuffle=False, rank=rank, world_size=world, pad=False):
         x = x.to(device) if inputs_are_features else normalize(x.to(device), mean, std)
         y = y.to(device)
         with _autocast(device):
@@ -391,8 +392,9 @@ def train(
         train_loss, train_acc = train_loss / max(count, 1), train_acc / max(count, 1)
         val_loss = val_acc = None
         if val_inputs is not None and len(val_inputs):
-            val_loss, val_acc, _ = evaluate(net, val_inputs, mean, std, device=device,
-                                            inputs_are_features=freeze_backbone)
+            # The unwrapped module: under DDP each rank evaluates its own share, without collectives.
+            val_loss, val_acc, _ = evaluate(base.head if freeze_backbone else base, val_inputs, mean, std,
+                                            device=device, inputs_are_features=freeze_backbone)
         for key, value in (("train_loss", train_loss), ("train_acc", train_acc), ("test_loss", val_loss),
                            ("test_acc", val_acc), ("lr", scheduler.get_last_lr()[0])):
             history[key].append(value)
