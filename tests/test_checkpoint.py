@@ -200,3 +200,10 @@ def test_unwrap():
     assert unwrap(Wrapper(model)) is model
     with pytest.raises(TypeError):
         unwrap(torch.nn.Linear(2, 2))
+
+
+def test_checkpoint_file_has_ordinary_permissions(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", small_model(), CLASSES, PREP)
+    from vitdemo.checkpoint import _umask
+
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as open() would create it, not mkstemp's 0600

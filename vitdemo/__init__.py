@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_PRESET, PRESETS, ViTConfig, get_config, list_presets
 from .convert import convert_state_dict, load_weights
 from .model import VisionTransformer, resample_pos_embed
@@ -34,6 +35,8 @@ __all__ = [
     "create_model",
     "get_config",
     "list_presets",
+    "load_checkpoint",
+    "save_checkpoint",
     "load_weights",
     "resample_pos_embed",
 ]

@@ -52,6 +52,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint is an ordinary file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,6 +62,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             raise OSError(f"cannot write {path}: {err.strerror or err}") from err
         raise
     return path
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask() changes the whole process, racing other threads.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def preprocessing(

@@ -1,0 +1,45 @@
+"""The checkpoint shipped in checkpoints/: it loads offline, describes itself, predicts deterministically."""
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import vitdemo
+from vitdemo.checkpoint import DEFAULT_CHECKPOINT, read_metadata
+from vitdemo.data import CIFAR10_CLASSES, preprocess
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return vitdemo.load_checkpoint()
+
+
+def test_default_checkpoint_is_small_and_found_by_default(shipped):
+    assert DEFAULT_CHECKPOINT.is_file()
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 1024 * 1024
+    model, meta = shipped
+    assert sum(p.numel() for p in model.parameters()) <= 6_000_000
+
+
+def test_metadata_matches_weights(shipped):
+    model, meta = shipped
+    assert meta["class_names"] == list(CIFAR10_CLASSES)
+    assert model.config.num_classes == len(meta["class_names"]) == model.head.weight.shape[0]
+    assert meta["image_size"] == model.config.image_size[0] == 32
+    assert model.pos_embed.shape[1] == model.config.num_patches + 1
+    assert len(meta["mean"]) == len(meta["std"]) == 3
+    assert meta == read_metadata(DEFAULT_CHECKPOINT)
+    # A plain ViT of the paper's design: class token and learned position embeddings.
+    assert model.cls_token.shape == (1, 1, model.config.embed_dim)
+
+
+def test_prediction_is_deterministic(shipped):
+    model, meta = shipped
+    image = Image.new("RGB", (64, 64), (30, 90, 200))
+    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=(240, 200, 40))
+    x = preprocess(image, meta["image_size"], meta["mean"], meta["std"])
+    with torch.no_grad():
+        first = model(x)
+        again = vitdemo.load_checkpoint()[0](x)
+    assert torch.equal(first, again)
+    assert first.softmax(-1).sum().item() == pytest.approx(1.0)
