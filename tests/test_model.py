@@ -258,3 +258,9 @@ def test_config_round_trip():
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown hyper-parameter"):
         ViTConfig.from_dict({**cfg.to_dict(), "colour": 3})
+
+
+def test_qkv_without_bias():
+    model = tiny(qkv_bias=False)
+    assert model.blocks[0].attn.qkv.bias is None
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 5)

@@ -82,7 +82,7 @@ class ImageData:
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any mode Pillow opens, without losing the picture on the way."""
     if image.mode in _SIXTEEN_BIT:
         # Pillow's own I;16 -> L conversion clips at 255, turning a 16-bit photo white. Scale instead.
@@ -117,7 +117,7 @@ def _open_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
         _check_bomb(image)
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
-        return _to_rgb(image)
+        return to_rgb(image)
 
 
 def _resize_center_crop(image: Image.Image, size: int, resize: int | None = None,
@@ -693,7 +693,7 @@ def preprocess(
     `load_image_folder` stores, so prediction sees what training saw."""
     if resize is not None and resize < image_size:
         raise ValueError(f"resize ({resize}) must be at least image_size ({image_size})")
-    image = _resize_center_crop(_to_rgb(image), image_size, resize, TF.InterpolationMode(interpolation))
+    image = _resize_center_crop(to_rgb(image), image_size, resize, TF.InterpolationMode(interpolation))
     return normalize(TF.pil_to_tensor(image).unsqueeze(0), mean, std)
 
 

@@ -260,7 +260,8 @@ def _trunc_normal(tensor: Tensor, std: float) -> None:
 def _init_linear(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         _trunc_normal(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:  # qkv has none with qkv_bias=False
+            nn.init.zeros_(module.bias)
 
 
 @torch.no_grad()
