@@ -1,0 +1,146 @@
+"""End to end in a real headless Chromium: what a person sees and clicks.
+
+Needs Debian's chromium (`apt-get install -y chromium`; `.ci/run` installs it) and the playwright
+package (requirements-dev.txt); playwright cannot download its own browsers here. Screenshots
+go to test-artifacts/ (the current ones are copied to docs/ for the README).
+"""
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ["NO_PROXY"] = "localhost,127.0.0.1"
+    from vitdemo.ui import build_demo, launch_options
+
+    demo = build_demo()
+    port = free_port()
+    options = {**launch_options(), "server_name": "127.0.0.1", "server_port": port, "prevent_thread_lock": True}
+    demo.launch(**options)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(app_url)
+    page.get_by_role("tab", name="Classify").wait_for()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    """A drawn ship on water, made here (never a CIFAR image)."""
+    path = tmp_path_factory.mktemp("img") / "ship.png"
+    img = Image.new("RGB", (224, 224), (120, 170, 230))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 140, 224, 224), fill=(20, 60, 140))
+    draw.polygon([(40, 130), (190, 130), (165, 160), (65, 160)], fill=(90, 90, 90))
+    draw.rectangle((100, 90, 130, 130), fill=(230, 230, 230))
+    img.save(path)
+    return path
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def upload(page, picture: Path) -> None:
+    page.locator("input[type=file]").first.set_input_files(str(picture))
+
+
+def visible_tab(page):
+    return page.locator("[role=tabpanel]:visible").first
+
+
+def test_classify_an_uploaded_image(page, picture):
+    upload(page, picture)
+    page.get_by_role("button", name="Classify").click()
+    label = page.get_by_test_id("label-output-value")
+    label.wait_for()
+    assert re.search(r"airplane|automobile|bird|cat|deer|dog|frog|horse|ship|truck", label.inner_text())
+    page.get_by_text(re.compile(r"\d+(\.\d+)? ms")).first.wait_for()
+    shot(page, "classify")
+
+
+def test_every_tab_shows_its_picture(page, picture):
+    page.get_by_role("tab", name="Patches").click()
+    panel = visible_tab(page)
+    upload(page.locator("[role=tabpanel]:visible"), picture)
+    panel.get_by_role("button", name="Cut into patches").click()
+    panel.get_by_text(re.compile(r"patches of \d+x\d+")).first.wait_for()
+    page.get_by_text("processing").first.wait_for(state="hidden")
+    shot(page, "patches")
+
+    page.get_by_role("tab", name="Position embeddings").click()
+    panel = visible_tab(page)
+    panel.locator("img").first.wait_for()
+    shot(page, "position_embeddings")
+
+    page.get_by_role("tab", name="Attention").click()
+    panel = visible_tab(page)
+    upload(page.locator("[role=tabpanel]:visible"), picture)
+    panel.get_by_role("button", name="Explain").click()
+    panel.get_by_text(re.compile(r"Predicted .* over \d+ layers")).first.wait_for()
+    page.get_by_text("processing").first.wait_for(state="hidden")
+    assert panel.locator(".block", has_text="Rollout").locator("img").count() >= 1
+    shot(page, "attention")
+
+    page.get_by_role("tab", name="About").click()
+    visible_tab(page).get_by_text("The Vision Transformer").first.wait_for()
+    assert visible_tab(page).locator(".katex").count() >= 4  # the equations are typeset
+    shot(page, "about")
+
+
+def test_start_training_see_the_plot_update_and_stop(page):
+    page.get_by_role("tab", name="Train").click()
+    panel = visible_tab(page)
+    panel.get_by_role("button", name="Start training").click()
+    status = page.locator(".status-line")
+    # Several updates in: the curves have more than one point.
+    status.get_by_text(re.compile(r"step (\d\d+)/")).first.wait_for(timeout=120_000)
+    # The loss plot has drawn its marks (Vega renders an SVG or canvas inside the plot).
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[role=tabpanel]')].some(p => p.offsetParent !== null"
+        " && p.querySelectorAll('canvas, svg .mark-line, svg path').length > 0)", timeout=120_000)
+    shot(page, "train")
+    panel.get_by_role("button", name="Stop").click()
+    status.get_by_text(re.compile(r"stopped", re.I)).first.wait_for(timeout=120_000)
+    shot(page, "train_stopped")
