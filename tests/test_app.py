@@ -3,7 +3,6 @@ with gradio_client. A tiny checkpoint stands in for the shipped model; nothing i
 
 import io
 import os
-import socket
 import time
 import zipfile
 
@@ -13,6 +12,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import free_port
 import torch
 from PIL import Image
 
@@ -289,12 +289,6 @@ def test_plot_points_are_bounded():
 # ---------------------------------------------------------------------------------------------
 # The launched app, over HTTP
 # ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

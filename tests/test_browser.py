@@ -8,10 +8,10 @@ go to test-artifacts/ (the current ones are copied to docs/ for the README).
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from PIL import Image, ImageDraw
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -24,11 +24,6 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,18 @@
 """Two CPU processes (gloo) train with DistributedDataParallel and end with identical weights."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 import torch
 
 import vitdemo
 from vitdemo.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
