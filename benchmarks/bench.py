@@ -10,6 +10,7 @@ Sections:
   rollout    one image's forward with attention maps + rollout, against a plain forward
   data       training images/s through the real data path (in-memory uint8, batch augmentation)
              against the same model on ready-made tensors
+  app        median latency of the app's /classify endpoint for a 224 px upload (gradio_client)
 
 Every comparison is interleaved (A, B, A, B, ...) and repeated; the median and the spread
 (min-max) are printed. Machines are noisy: read the ratios, not the absolute times.
@@ -188,7 +189,44 @@ def section_data(repeats: int) -> None:
         print(f"  the data path costs {cost:+.1%} (goal: under 10%)")
 
 
-SECTIONS = {"inference": section_inference, "train": section_train, "rollout": section_rollout, "data": section_data}
+def section_app(repeats: int) -> None:
+    """Latency of the app's /classify endpoint, through gradio_client, for a 224 px upload."""
+    import socket
+    import tempfile
+
+    from PIL import Image
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ["NO_PROXY"] = "localhost,127.0.0.1"
+    from gradio_client import Client, handle_file
+
+    from vitdemo.ui import SHIPPED, build_demo, launch_options
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = build_demo()
+    demo.launch(**{**launch_options(), "server_name": "127.0.0.1", "server_port": port,
+                   "prevent_thread_lock": True, "quiet": True})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "upload.png"
+            gen = torch.Generator().manual_seed(0)
+            pixels = torch.randint(0, 256, (224, 224, 3), dtype=torch.uint8, generator=gen).numpy()
+            Image.fromarray(pixels).save(path)
+            client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False)
+            call = lambda: client.predict(handle_file(str(path)), SHIPPED, api_name="/classify")  # noqa: E731
+            times = interleaved({"/classify (shipped model)": call}, repeats * 5, warmup=3)["/classify (shipped model)"]
+    finally:
+        demo.close()
+    ms = sorted(t * 1000 for t in times)
+    print(f"\nApp /classify, 224 px PNG upload, {len(ms)} sequential requests over loopback")
+    print(f"  median {statistics.median(ms):.0f} ms, p95 {ms[int(0.95 * (len(ms) - 1))]:.0f} ms, "
+          f"min {ms[0]:.0f} ms (goal: median under 100 ms)")
+
+
+SECTIONS = {"inference": section_inference, "train": section_train, "rollout": section_rollout, "data": section_data,
+            "app": section_app}
 
 
 def main() -> None:
