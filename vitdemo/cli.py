@@ -1,9 +1,11 @@
-"""Command line: `python -m vitdemo train | evaluate | predict | export`.
+"""Command line: `python -m vitdemo train | evaluate | predict | explain | export`.
 
     python -m vitdemo train --data synthetic --preset vit_cifar_4 --epochs 5 --out runs/shapes
     python -m vitdemo train --data ~/.cache/vitdemo/cifar10/train --preset vit_cifar_4 --out runs/cifar
     python -m vitdemo evaluate --checkpoint runs/cifar --data ~/.cache/vitdemo/cifar10/train
     python -m vitdemo predict photo.jpg --checkpoint runs/cifar
+    python -m vitdemo explain photo.jpg --checkpoint runs/cifar --out views/
+    python -m vitdemo export --checkpoint runs/cifar --out model.pt2
     torchrun --nproc_per_node=2 -m vitdemo train ...      # DistributedDataParallel
 
 `python -m vitdemo COMMAND --help` explains every option.
