@@ -85,6 +85,14 @@ def visible_tab(page):
     return page.locator("[role=tabpanel]:visible").first
 
 
+def open_tab(page, name: str, picture: Path | None = None):
+    """Click a tab; upload `picture` into its image input if given. Returns the tab's panel."""
+    page.get_by_role("tab", name=name).click()
+    if picture is not None:
+        upload(page.locator("[role=tabpanel]:visible"), picture)
+    return visible_tab(page)
+
+
 def test_classify_an_uploaded_image(page, picture):
     upload(page, picture)
     page.get_by_role("button", name="Classify").click()
@@ -96,37 +104,31 @@ def test_classify_an_uploaded_image(page, picture):
 
 
 def test_every_tab_shows_its_picture(page, picture):
-    page.get_by_role("tab", name="Patches").click()
-    panel = visible_tab(page)
-    upload(page.locator("[role=tabpanel]:visible"), picture)
+    panel = open_tab(page, "Patches", picture)
     panel.get_by_role("button", name="Cut into patches").click()
     panel.get_by_text(re.compile(r"patches of \d+x\d+")).first.wait_for()
     page.get_by_text("processing").first.wait_for(state="hidden")
     shot(page, "patches")
 
-    page.get_by_role("tab", name="Position embeddings").click()
-    panel = visible_tab(page)
+    panel = open_tab(page, "Position embeddings")
     panel.locator("img").first.wait_for()
     shot(page, "position_embeddings")
 
-    page.get_by_role("tab", name="Attention").click()
-    panel = visible_tab(page)
-    upload(page.locator("[role=tabpanel]:visible"), picture)
+    panel = open_tab(page, "Attention", picture)
     panel.get_by_role("button", name="Explain").click()
     panel.get_by_text(re.compile(r"Predicted .* over \d+ layers")).first.wait_for()
     page.get_by_text("processing").first.wait_for(state="hidden")
     assert panel.locator(".block", has_text="Rollout").locator("img").count() >= 1
     shot(page, "attention")
 
-    page.get_by_role("tab", name="About").click()
-    visible_tab(page).get_by_text("The Vision Transformer").first.wait_for()
-    assert visible_tab(page).locator(".katex").count() >= 4  # the equations are typeset
+    panel = open_tab(page, "About")
+    panel.get_by_text("The Vision Transformer").first.wait_for()
+    assert panel.locator(".katex").count() >= 4  # the equations are typeset
     shot(page, "about")
 
 
 def test_start_training_see_the_plot_update_and_stop(page):
-    page.get_by_role("tab", name="Train").click()
-    panel = visible_tab(page)
+    panel = open_tab(page, "Train")
     panel.get_by_role("button", name="Start training").click()
     status = page.locator(".status-line")
     # Several updates in: the curves have more than one point.

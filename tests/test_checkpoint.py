@@ -62,12 +62,17 @@ def good_metadata(model):
     return {"config": model.config.to_dict(), "class_names": CLASSES, **PREP}
 
 
-def test_config_that_does_not_match_weights(tmp_path):
+@pytest.mark.parametrize("field, value, message", [
+    ("depth", 3, "weights do not match the config"),  # valid config, but not these weights
+    ("num_heads", 5, "invalid config.*divisible"),  # 32 is not divisible by 5
+    ("colour", 1, "invalid config.*unknown hyper-parameter"),
+])
+def test_config_that_does_not_describe_the_weights(tmp_path, field, value, message):
     model = small_model()
     meta = good_metadata(model)
-    meta["config"]["depth"] = 3
+    meta["config"][field] = value
     write_raw(tmp_path / "m.safetensors", model.state_dict(), meta)
-    with pytest.raises(CheckpointError, match="weights do not match the config"):
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path / "m.safetensors")
 
 
@@ -93,15 +98,6 @@ def test_missing_metadata(tmp_path, drop):
 def test_no_vitdemo_metadata(tmp_path):
     write_raw(tmp_path / "m.safetensors", small_model().state_dict(), None)
     with pytest.raises(CheckpointError, match="no vitdemo metadata"):
-        load_checkpoint(tmp_path / "m.safetensors")
-
-
-def test_invalid_config_values(tmp_path):
-    model = small_model()
-    meta = good_metadata(model)
-    meta["config"]["num_heads"] = 5
-    write_raw(tmp_path / "m.safetensors", model.state_dict(), meta)
-    with pytest.raises(CheckpointError, match="invalid config.*divisible"):
         load_checkpoint(tmp_path / "m.safetensors")
 
 
