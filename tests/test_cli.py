@@ -51,6 +51,7 @@ def test_evaluate_reports_accuracy_and_confusion_matrix(run_dir, tmp_path, capsy
     assert 0 <= report["accuracy"] <= 1 and report["images"] > 0
     assert sum(map(sum, report["confusion_matrix"])) == report["images"]
     assert (tmp_path / "confusion_matrix.png").is_file()
+    assert (tmp_path / "curves.png").is_file()  # from the history stored in the checkpoint
     assert "top-1 accuracy" in capsys.readouterr().out
 
 

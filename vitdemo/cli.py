@@ -200,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .visualize import plot_confusion_matrix
+    from .visualize import plot_confusion_matrix, plot_history
 
     model, meta = load_checkpoint(args.checkpoint)
     data, _, _ = load_data(args.data, meta["image_size"], args.data_root, args.download)
@@ -225,7 +225,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(report, indent=2))
         plot_confusion_matrix(matrix.numpy(), meta["class_names"]).savefig(out / "confusion_matrix.png", dpi=120)
-        print(f"saved {out / 'evaluation.json'} and {out / 'confusion_matrix.png'}")
+        saved = ["evaluation.json", "confusion_matrix.png"]
+        if meta.get("history"):  # the training curves travel inside the checkpoint
+            plot_history(meta["history"]).savefig(out / "curves.png", dpi=120)
+            saved.append("curves.png")
+        print(f"saved {', '.join(saved)} in {out}")
     return 0
 
 
@@ -344,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     data_options(e)
     e.add_argument("--limit", type=int, help="evaluate only the first N validation images")
-    e.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png")
+    e.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and (from the checkpoint's "
+                                 "history) curves.png")
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images")
