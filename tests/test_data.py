@@ -346,19 +346,17 @@ def test_safe_extract_zip_refuses_paths_outside_dest(tmp_path, name, reason):
     assert not (tmp_path / "out" / "dest" / "fine.txt").exists()  # checked before anything is written
 
 
-def test_safe_extract_zip_refuses_symlinks_and_special_files(tmp_path):
-    link = zipfile.ZipInfo("a/link")
-    link.external_attr = (stat.S_IFLNK | 0o777) << 16
-    with zipfile.ZipFile(tmp_path / "link.zip", "w") as z:
-        z.writestr(link, "/etc/passwd")
-    with pytest.raises(DataError, match="'a/link'.*symbolic link"):
-        safe_extract_zip(tmp_path / "link.zip", tmp_path / "out")
-    fifo = zipfile.ZipInfo("fifo")
-    fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
-    with zipfile.ZipFile(tmp_path / "fifo.zip", "w") as z:
-        z.writestr(fifo, "")
-    with pytest.raises(DataError, match="not a regular file"):
-        safe_extract_zip(tmp_path / "fifo.zip", tmp_path / "out")
+@pytest.mark.parametrize("name, kind, content, message", [
+    ("a/link", stat.S_IFLNK | 0o777, "/etc/passwd", "'a/link'.*symbolic link"),
+    ("fifo", stat.S_IFIFO | 0o644, "", "not a regular file"),
+])
+def test_safe_extract_zip_refuses_symlinks_and_special_files(tmp_path, name, kind, content, message):
+    entry = zipfile.ZipInfo(name)
+    entry.external_attr = kind << 16
+    with zipfile.ZipFile(tmp_path / "in.zip", "w") as z:
+        z.writestr(entry, content)
+    with pytest.raises(DataError, match=message):
+        safe_extract_zip(tmp_path / "in.zip", tmp_path / "out")
 
 
 def test_safe_extract_zip_limits_entries_and_size(tmp_path):
