@@ -4,8 +4,10 @@
     python benchmarks/bench.py rollout data    # some sections
 
 Sections:
-  inference  ViT-B/16 images/s at batch 1 and 16: vitdemo, timm, torchvision (same weights), and
-             the achieved GFLOP/s next to a measured fp32 matmul peak
+  inference  ViT-B/16 images/s at batch 1 and 16: vitdemo (eager and "packed"), timm, torchvision
+             (same weights), and the achieved GFLOP/s next to a measured fp32 matmul peak
+  int8       the ONNX Runtime fp32 and int8 runtimes against PyTorch fp32: ViT-B/16 at batch 1, the
+             shipped CIFAR-10 model at batch 1 and 64 (with top-1 agreement on the same inputs)
   train      training step of the CIFAR preset: vitdemo against timm
   rollout    one image's forward with attention maps + rollout, against a plain forward
   data       training images/s through the real data path (in-memory uint8, batch augmentation)
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vitdemo  # noqa: E402
-from vitdemo import visualize  # noqa: E402
+from vitdemo import runtime, visualize  # noqa: E402
 from vitdemo.data import BatchAugment, iterate_batches, synthetic_shapes  # noqa: E402
 from vitdemo.engine import RECIPES, make_optimizer  # noqa: E402
 
@@ -74,7 +76,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 def section_inference(repeats: int) -> None:
     torch.manual_seed(0)
     ours = vitdemo.create_model("vit_b_16").eval()
-    models = {"vitdemo": ours}
+    models = {"vitdemo": ours, "vitdemo packed": runtime.pack(ours)}
     try:
         import timm
 
@@ -102,9 +104,10 @@ def section_inference(repeats: int) -> None:
         times = interleaved({k: run(m) for k, m in models.items()}, repeats)
         report(f"ViT-B/16 inference, batch {batch} (fp32, {torch.get_num_threads()} threads)", times, batch,
                "img/s", baseline="timm" if "timm" in models else None)
-        best = batch / min(times["vitdemo"])
-        print(f"  vitdemo achieves {best * VIT_B16_GMACS * 2:.0f} GFLOP/s = "
-              f"{best * VIT_B16_GMACS * 2 / peak:.0%} of the measured fp32 matmul peak ({peak:.0f} GFLOP/s)")
+        for name in ("vitdemo", "vitdemo packed"):
+            best = batch / min(times[name])
+            print(f"  {name} achieves {best * VIT_B16_GMACS * 2:.0f} GFLOP/s = "
+                  f"{best * VIT_B16_GMACS * 2 / peak:.0%} of the measured fp32 matmul peak ({peak:.0f} GFLOP/s)")
 
 
 def train_step(model: torch.nn.Module, batch: int = 128) -> Callable[[], None]:
@@ -244,7 +247,36 @@ def section_app(repeats: int) -> None:
               f"  (goal: median under 100 ms)")
 
 
-SECTIONS = {"inference": section_inference, "train": section_train, "rollout": section_rollout, "data": section_data,
+def section_int8(repeats: int) -> None:
+    torch.manual_seed(0)
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints" / "vit_cifar10"
+    cases = [("ViT-B/16 (random weights)", vitdemo.create_model("vit_b_16").eval(), (1,))]
+    if shipped.is_dir():
+        cases.append(("shipped CIFAR-10 model", vitdemo.load_checkpoint(shipped)[0], (1, 64)))
+    for title, model, batches in cases:
+        runners = {"PyTorch fp32": model, "PyTorch packed": runtime.pack(model),
+                   "ONNX Runtime fp32": runtime.prepare(model, "onnx"), "ONNX Runtime int8": runtime.prepare(model, "int8")}
+        size = model.config.image_size
+        for batch in batches:
+            x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+
+            def run(f):
+                def call():
+                    with torch.inference_mode():
+                        f(x)
+                return call
+
+            times = interleaved({k: run(f) for k, f in runners.items()}, repeats)
+            report(f"{title}, batch {batch}", times, batch, "img/s", baseline="PyTorch fp32")
+            with torch.inference_mode():
+                ref = model(x)
+                for name in ("ONNX Runtime fp32", "ONNX Runtime int8"):
+                    out = runners[name](x)
+                    print(f"  {name}: max |logit difference| {(out - ref).abs().max().item():.1e}, "
+                          f"top-1 agreement {(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.1%}")
+
+
+SECTIONS = {"inference": section_inference, "int8": section_int8, "train": section_train, "rollout": section_rollout, "data": section_data,
             "app": section_app}
 
 

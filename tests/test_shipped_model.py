@@ -43,3 +43,17 @@ def test_prediction_is_deterministic(shipped):
         again = vitdemo.load_checkpoint()[0](x)
     assert torch.equal(first, again)
     assert first.softmax(-1).sum().item() == pytest.approx(1.0)
+
+
+def test_shipped_int8_export_is_of_the_shipped_weights(shipped):
+    """checkpoints/vit_cifar10/model.int8.onnx (the app's default runtime for this model) must be
+    re-exported whenever the weights change: `python -m vitdemo export --checkpoint
+    checkpoints/vit_cifar10 --out checkpoints/vit_cifar10/model.int8.onnx --int8`."""
+    from vitdemo import runtime
+
+    model, meta = shipped
+    runner = runtime.load_onnx(DEFAULT_CHECKPOINT.parent / "model.int8.onnx", model)  # refuses stale files
+    assert runner.metadata["vitdemo.precision"] == "int8"
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (runner(x).argmax(-1) == model(x).argmax(-1)).float().mean().item() >= 0.9

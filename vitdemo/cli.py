@@ -6,6 +6,7 @@
     python -m vitdemo predict photo.jpg --checkpoint runs/cifar
     python -m vitdemo explain photo.jpg --checkpoint runs/cifar --out views/
     python -m vitdemo export --checkpoint runs/cifar --out model.pt2
+    python -m vitdemo export --checkpoint runs/cifar --out model.int8.onnx --int8
     torchrun --nproc_per_node=2 -m vitdemo train ...      # DistributedDataParallel
 
 `python -m vitdemo COMMAND --help` explains every option.
@@ -39,6 +40,7 @@ from .data import (
     synthetic_shapes,
 )
 from .engine import RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
+from .runtime import RUNTIMES, RuntimeUnavailable, export_onnx, load_onnx, prepare
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -210,14 +212,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     val = val or data
     if args.limit:
         val = val.subset(torch.arange(min(args.limit, len(val))))
-    loss, acc, preds = evaluate(model, val, meta["mean"], meta["std"], device=select_device(args.device))
+    device = select_device(args.device)
+    runner = model if args.runtime == "eager" else prepare(model, args.runtime, onnx_path=args.onnx)
+    loss, acc, preds = evaluate(runner, val, meta["mean"], meta["std"], device=device if args.runtime == "eager" else "cpu")
+    agreement = None
+    if args.runtime != "eager":  # how often the faster runtime picks the same class as PyTorch fp32
+        agreement = (evaluate(model, val, meta["mean"], meta["std"], device=device)[2] == preds).float().mean().item()
     n = len(meta["class_names"])
     matrix = torch.zeros(n, n, dtype=torch.long)
     matrix.index_put_((val.labels, preds), torch.ones_like(preds), accumulate=True)
     per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
-    report = {"images": len(val), "loss": loss, "accuracy": acc,
+    report = {"images": len(val), "runtime": args.runtime, "loss": loss, "accuracy": acc,
+              "top1_agreement_with_eager": agreement,
               "per_class_accuracy": dict(zip(meta["class_names"], per_class)), "confusion_matrix": matrix.tolist()}
-    print(f"{len(val)} images: loss {loss:.4f}, top-1 accuracy {acc:.4f}")
+    print(f"{len(val)} images, {args.runtime} runtime: loss {loss:.4f}, top-1 accuracy {acc:.4f}")
+    if agreement is not None:
+        print(f"top-1 agreement with the eager PyTorch fp32 model: {agreement:.4f}")
     for name, value in report["per_class_accuracy"].items():
         print(f"  {name:>12}: {value:.4f}")
     if args.out:
@@ -235,6 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.checkpoint)
+    model = prepare(model, args.runtime, onnx_path=args.onnx)
     for path in args.images:
         x = preprocess(load_image(path), meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
                        interpolation=meta.get("interpolation", "bicubic"))
@@ -251,6 +262,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = meta["image_size"]
     example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised to a constant
     out = Path(args.out)
+    if out.suffix == ".onnx":
+        export_onnx(model, out, int8=args.int8)
+        with torch.no_grad():
+            diff = (load_onnx(out, model)(example) - model(example)).abs().max().item()
+        print(f"saved {out} (ONNX, {'int8 weights' if args.int8 else 'fp32'}; max |difference| to eager {diff:.2e})")
+        return 0
+    if args.int8:
+        raise ValueError("--int8 applies to ONNX files: give --out a .onnx name")
     out.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -315,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default 0)")
         p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
 
+    def runtime_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                       help="eager (PyTorch fp32, default), packed (PyTorch fp32, prepacked weights), onnx "
+                            "(ONNX Runtime fp32) or int8 (ONNX Runtime, int8 weights); see vitdemo/runtime.py")
+        p.add_argument("--onnx", help="onnx/int8: an exported file to reuse (re-exported if it is from other weights)")
+
     t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune a ViT.")
     data_options(t)
     t.add_argument("--out", required=True, help="run directory: model.safetensors, train_state.pt, results.json, "
@@ -348,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     data_options(e)
     e.add_argument("--limit", type=int, help="evaluate only the first N validation images")
+    runtime_options(e)
     e.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and (from the checkpoint's "
                                  "history) curves.png")
     e.set_defaults(func=cmd_evaluate)
@@ -356,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     p.add_argument("--topk", type=int, default=5, help="how many classes to print (default 5)")
+    runtime_options(p)
     p.set_defaults(func=cmd_predict)
 
     v = sub.add_parser("explain", help="write every visualisation of one image as PNG files")
@@ -366,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: share of weakest attention dropped")
     v.set_defaults(func=cmd_explain)
 
-    x = sub.add_parser("export", help="export a checkpoint as a torch.export program (.pt2)")
+    x = sub.add_parser("export", help="export a checkpoint as a torch.export program (.pt2) or ONNX (.onnx)")
     x.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
-    x.add_argument("--out", required=True, help="output file, e.g. model.pt2")
+    x.add_argument("--out", required=True, help="output file: model.pt2 (torch.export) or model.onnx (ONNX)")
+    x.add_argument("--int8", action="store_true", help="ONNX only: int8 weights (ONNX Runtime dynamic quantisation)")
     x.set_defaults(func=cmd_export)
     return parser
 
@@ -377,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, TrainingError, ValueError, OSError) as err:
+    except (DataError, CheckpointError, TrainingError, RuntimeUnavailable, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

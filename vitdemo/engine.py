@@ -159,7 +159,7 @@ class DoneEvent:
     history: dict[str, list[float]]
     stopped: bool  # True when stopped before the last epoch
     seconds: float
-    checkpoint: Path | None
+    checkpoint: Path | None  # the last epoch's; None without out_dir or when no epoch was completed
     kind: str = "done"
 
 
@@ -205,15 +205,17 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: ImageData | Features, mean, std, batch_size: int = 256, device: torch.device | str = "cpu",
+    model: nn.Module | Callable[[Tensor], Tensor], data: ImageData | Features, mean, std, batch_size: int = 256, device: torch.device | str = "cpu",
     inputs_are_features: bool = False,
 ) -> tuple[float, float, Tensor]:
-    """Mean cross-entropy, accuracy and the predicted class of every item of `data`.
+    """Mean cross-entropy, accuracy and the predicted class of every item of `data`; `model`
+    may also be a faster runtime's callable (`vitdemo.runtime.prepare`).
     With several processes each evaluates its own share (predictions are of that share) and the
     loss and accuracy are summed over all."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
     rank, world = _dist()
     loss_sum, correct, count, preds = 0.0, 0.0, 0.0, []
     for x, y in iterate_batches(data, batch_size, shuffle=False, rank=rank, world_size=world, pad=False):
@@ -226,7 +228,8 @@ def evaluate(
         correct += (pred == y).sum().item()
         count += len(y)
         preds.append(pred.cpu())
-    model.train(was_training)
+    if was_training:
+        model.train()
     loss_sum, correct, count = _all_sum([loss_sum, correct, count], device)
     return loss_sum / max(count, 1), correct / max(count, 1), torch.cat(preds) if preds else torch.empty(0)
 
@@ -414,7 +417,9 @@ def train(
         yield EpochEvent(epoch + 1, recipe.epochs, train_loss, train_acc, val_loss, val_acc,
                          time.perf_counter() - epoch_start, checkpoint)
 
-    yield DoneEvent(history, stopped, time.perf_counter() - run_start, checkpoint)
+    # No epoch completed (in this run or the one resumed): no checkpoint was written, name none.
+    saved = checkpoint if checkpoint is not None and history["train_loss"] else None
+    yield DoneEvent(history, stopped, time.perf_counter() - run_start, saved)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""The faster inference runtimes: prepacked fp32 weights in PyTorch, and ONNX Runtime fp32 and
+int8. Each must give the eager model's answers (int8: nearly always the same class)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import vitdemo
+from vitdemo import runtime
+from vitdemo.cli import main
+from vitdemo.checkpoint import preprocessing, save_checkpoint
+
+needs_onednn = pytest.mark.skipif(not runtime.packing_available(), reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return vitdemo.create_model("vit_cifar_4", num_classes=10, depth=2, embed_dim=64, num_heads=2, mlp_dim=128).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """The model exported once as fp32 and as int8 ONNX files."""
+    folder = tmp_path_factory.mktemp("onnx")
+    return {precision: runtime.export_onnx(model, folder / f"m.{precision}.onnx", int8=precision == "int8")
+            for precision in ("fp32", "int8")}
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 5])
+def test_packed_matches_eager(model, images, batch):
+    packed = runtime.pack(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(images[:batch]), model(images[:batch]), atol=1e-5, rtol=1e-5)
+        # The attention maps come through the packed layers too.
+        _, ours = packed(images[:batch], return_attention=True)
+        _, theirs = model(images[:batch], return_attention=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_fuses_gelu_and_leaves_the_model_alone(model):
+    packed = runtime.pack(model)
+    block = packed.blocks[0]
+    assert isinstance(block.attn.qkv, runtime.PackedLinear) and isinstance(block.mlp.fc2, runtime.PackedLinear)
+    assert block.mlp.fc1.act == "gelu" and isinstance(block.mlp.act, nn.Identity)
+    assert isinstance(model.blocks[0].mlp.fc1, nn.Linear)  # a copy was packed, not the model
+    # Its state dict still holds plain tensors with the original values.
+    assert torch.equal(packed.state_dict()["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+@needs_onednn
+def test_packed_keeps_an_approximate_gelu_separate(images):
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_cifar_4", num_classes=10, depth=1, embed_dim=32, num_heads=2, mlp_dim=64).eval()
+    model.blocks[0].mlp.act = nn.GELU(approximate="tanh")
+    packed = runtime.pack(model)
+    assert packed.blocks[0].mlp.fc1.act == "none" and packed.blocks[0].mlp.act.approximate == "tanh"
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(images), model(images), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_linear_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="act must be"):
+        runtime.PackedLinear(nn.Linear(4, 4), act="relu")
+
+
+def test_unknown_runtime_is_refused(model):
+    with pytest.raises(ValueError, match="runtime must be one of eager, packed, onnx, int8"):
+        runtime.prepare(model, "tensorrt")
+
+
+def test_onnx_fp32_matches_eager(model, images, exported):
+    runner = runtime.load_onnx(exported["fp32"], model)
+    assert runner.metadata["vitdemo.precision"] == "fp32"
+    with torch.inference_mode():
+        for batch in (1, 5):  # the batch dimension is dynamic
+            torch.testing.assert_close(runner(images[:batch]), model(images[:batch]), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_agrees_with_eager(model, exported):
+    runner = runtime.load_onnx(exported["int8"], model)
+    assert runner.metadata["vitdemo.precision"] == "int8"
+    assert exported["int8"].stat().st_size < 0.5 * exported["fp32"].stat().st_size
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref, out = model(x), runner(x)
+    assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_stale_export_is_refused_and_prepare_exports_again(model, images, exported, tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(exported["fp32"].read_bytes())
+    other = vitdemo.create_model("vit_cifar_4", num_classes=10, depth=2, embed_dim=64, num_heads=2, mlp_dim=128).eval()
+    with pytest.raises(ValueError, match="not exported from these weights"):
+        runtime.load_onnx(path, other)
+    runner = runtime.prepare(other, "onnx", onnx_path=path)  # re-exported in place
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(images), other(images), atol=1e-4, rtol=1e-4)
+    assert runtime.load_onnx(path, other).metadata[runtime.SOURCE_KEY] == runtime.weights_digest(other)
+
+
+def test_prepare_reuses_a_matching_export(model, exported, tmp_path):
+    path = tmp_path / "m.int8.onnx"
+    path.write_bytes(exported["int8"].read_bytes())
+    before = path.stat().st_mtime_ns
+    runtime.prepare(model, "int8", onnx_path=path)
+    assert path.stat().st_mtime_ns == before
+    # An fp32 request does not take the int8 file for itself.
+    runtime.prepare(model, "onnx", onnx_path=path)
+    assert runtime.load_onnx(path, model).metadata["vitdemo.precision"] == "fp32"
+
+
+def test_cli_export_onnx_and_predict_with_each_runtime(model, tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "run" / "model.safetensors", model, [f"c{i}" for i in range(10)],
+                           preprocessing(32, (0.5,) * 3, (0.5,) * 3))
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.int8.onnx"), "--int8"]) == 0
+    assert "int8 weights" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.pt2"), "--int8"]) == 2
+    assert "--int8 applies to ONNX" in capsys.readouterr().err
+    tops = {}
+    for name in runtime.RUNTIMES:
+        extra = ["--onnx", str(tmp_path / "m.int8.onnx")] if name == "int8" else []
+        assert main(["predict", str(image), "--checkpoint", str(ckpt), "--runtime", name, *extra]) == 0
+        tops[name] = capsys.readouterr().out.split(": ")[1].split()[0]
+    assert len(set(tops.values())) == 1, tops
