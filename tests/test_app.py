@@ -5,6 +5,7 @@ import io
 import os
 import time
 import zipfile
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -20,6 +21,7 @@ import vitdemo
 from vitdemo import ui
 from vitdemo.checkpoint import preprocessing, save_checkpoint
 from vitdemo.pretrained import PretrainedUnavailable
+from vitdemo.runtime import packing_available
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 
@@ -61,12 +63,45 @@ def error_message(excinfo) -> str:
 
 
 def test_classify_returns_probabilities_and_time(photo):
-    probs, ms = ui.classify(photo)
+    probs, timing = ui.classify(photo)
     assert set(probs) == set(CLASSES)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert list(probs.values()) == sorted(probs.values(), reverse=True)
-    assert ms > 0
-    assert "ms" in ui.timing_text(ms)
+    # No int8 export lies beside the stand-in model, so "auto" runs the prepacked fp32 model.
+    assert timing["ms"] > 0 and timing["runtime"] == ("packed" if packing_available() else "eager")
+    assert "ms" in ui.timing_text(timing)
+
+
+def test_every_runtime_gives_the_same_classes(photo):
+    eager, _ = ui.classify(photo, ui.SHIPPED, "eager")
+    for runtime in ("packed", "onnx", "int8"):
+        probs, timing = ui.classify(photo, ui.SHIPPED, runtime)
+        assert timing["runtime"] == runtime
+        assert max(probs, key=probs.get) == max(eager, key=eager.get)
+        assert probs == pytest.approx(eager, abs=0.05 if runtime == "int8" else 1e-4)
+    with pytest.raises(gr.Error, match="Unknown runtime"):
+        ui.classify(photo, ui.SHIPPED, "tensorrt")
+
+
+def test_auto_runtime_uses_an_int8_export_shipped_beside_the_checkpoint(photo, tmp_path):
+    from vitdemo import runtime
+
+    entry = ui.MODELS.get(ui.SHIPPED)
+    path = Path(entry.checkpoint).parent / "model.int8.onnx"
+    try:
+        runtime.export_onnx(entry.model, path, int8=True)
+        entry.views.pop("runtime:int8", None)
+        probs, timing = ui.classify(photo)
+        assert timing["runtime"] == "int8"
+        # A stale file (other weights) is not used as it is: the model is exported afresh.
+        other = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=64, num_heads=2, mlp_dim=128)
+        runtime.export_onnx(other, path, int8=True)
+        entry.views.pop("runtime:int8", None)
+        run, name = ui.model_runner(entry, "auto")
+        assert name == "int8" and run.metadata[runtime.SOURCE_KEY] == runtime.weights_digest(entry.model)
+    finally:
+        path.unlink(missing_ok=True)
+        entry.views.pop("runtime:int8", None)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "CMYK", "P", "RGBA", "LA", "L", "F", "1"])
