@@ -96,3 +96,27 @@ def test_random_bytes_as_zip(tmp_path_factory, data):
         safe_extract_zip(archive, root / "out")
     except DataError as err:
         assert str(err)
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 1), (1, 4000), (3, 2000)])
+def test_tiny_and_very_wide_images_become_model_inputs(size):
+    from vitdemo.data import preprocess
+
+    image = load_image(encoded(noisy(size), "PNG"))
+    assert image.size == size and image.mode == "RGB"
+    x = preprocess(image, 32, (0.5,) * 3, (0.5,) * 3)
+    assert x.shape == (1, 3, 32, 32) and bool(x.isfinite().all())
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    data = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    image = load_image(data)
+    assert image.mode == "RGB" and image.size == (16, 16)
+    assert image.getpixel((8, 8)) == (255, 0, 0)
