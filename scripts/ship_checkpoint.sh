@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Ship a CIFAR-10 run's latest epoch as the default model: copy its weights to
+# checkpoints/vit_cifar10, re-export the int8 ONNX file tied to them, evaluate both on the 5,000
+# held-out images, and redraw the README's pictures. Then update checkpoints/README.md by hand.
+#
+#     bash scripts/ship_checkpoint.sh [RUN_DIR] [CIFAR10_TRAIN_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=${1:-$HOME/.cache/vitdemo/runs/cifar10}
+data=${2:-$HOME/.cache/vitdemo/cifar10/train}
+dest=checkpoints/vit_cifar10
+split=(--data "$data" --val-size 5000 --split-seed 0)
+
+install -m 644 "$run/model.safetensors" "$dest/model.safetensors"
+python -m vitdemo export --checkpoint "$dest" --out "$dest/model.int8.onnx" --int8
+python -m vitdemo evaluate --checkpoint "$dest" "${split[@]}" --out "$dest"
+python -m vitdemo evaluate --checkpoint "$dest" "${split[@]}" --runtime int8 --onnx "$dest/model.int8.onnx" | head -2
+python -m vitdemo explain docs/examples/ship.png --checkpoint "$dest" --out docs/explain
