@@ -136,3 +136,12 @@ def test_cli_export_onnx_and_predict_with_each_runtime(model, tmp_path, capsys):
         assert main(["predict", str(image), "--checkpoint", str(ckpt), "--runtime", name, *extra]) == 0
         tops[name] = capsys.readouterr().out.split(": ")[1].split()[0]
     assert len(set(tops.values())) == 1, tops
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_cifar_4", num_classes=3, depth=1, embed_dim=32, num_heads=2, mlp_dim=64).train()
+    runtime.export_onnx(model, tmp_path / "m.onnx")
+    assert model.training  # exported in eval mode, handed back in training mode
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        runtime.prepare(model, "fp16")

@@ -109,31 +109,43 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def export_onnx(model: VisionTransformer, path: str | Path, *, int8: bool = False) -> Path:
-    """Write `model` as an ONNX file with a dynamic batch size (opset 18, fp32), or with int8
-    weights if `int8`; the weights' digest is stored in its metadata (`SOURCE_KEY`)."""
+    """Write `model` as an ONNX file with a dynamic batch size, fp32, or with int8 weights if
+    `int8`; the weights' digest is stored in its metadata (`SOURCE_KEY`)."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as err:
         raise RuntimeUnavailable(f"ONNX export needs the onnx and onnxscript packages ({err}); "
-                           "pip install -r requirements.txt") from None
-    model = model.cpu().eval()
+                                 "pip install -r requirements.txt") from None
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()  # leave the caller's model where it is
+    was_training = model.training
+    model.eval()
+    try:
+        return _export_onnx(model, path, int8)
+    finally:
+        model.train(was_training)
+
+
+def _export_onnx(model: VisionTransformer, path: str | Path, int8: bool) -> Path:
+    import onnx
+
     height, width = model.config.image_size
     example = torch.randn(2, 3, height, width)  # batch 2: a batch of 1 would be fixed as a constant
     digest = weights_digest(model)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "model.onnx"
+        exported = Path(tmp) / "model.onnx"
         with _quiet("torch.onnx", "onnxscript", "onnx_ir"):
-            torch.onnx.export(model, (example,), fp32, dynamo=True, dynamic_shapes=({0: "batch"},),
+            torch.onnx.export(model, (example,), exported, dynamo=True, dynamic_shapes=({0: "batch"},),
                               input_names=["images"], output_names=["logits"], external_data=False, verbose=False)
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantized = Path(tmp) / "model.int8.onnx"
             with _quiet("root"):  # it logs advice about calibration pre-processing we do not need
-                quantize_dynamic(fp32, quantized, weight_type=QuantType.QInt8)
-            fp32 = quantized
-        proto = onnx.load(fp32)
+                quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8)
+            exported = quantized
+        proto = onnx.load(exported)
         onnx.helper.set_model_props(proto, {SOURCE_KEY: digest, "vitdemo.precision": "int8" if int8 else "fp32"})
         return atomic_write(path, lambda tmp_path: onnx.save(proto, tmp_path))
 
@@ -162,7 +174,7 @@ class OnnxModel:
             import onnxruntime as ort
         except ImportError as err:
             raise RuntimeUnavailable(f"the onnx and int8 runtimes need onnxruntime ({err}); "
-                               "pip install -r requirements.txt") from None
+                                     "pip install -r requirements.txt") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
