@@ -35,6 +35,20 @@ def load_converted(peer_state: dict, source: str, preset: str, **overrides) -> v
     return model
 
 
+def test_timm_gradients():
+    """Training computes timm's gradients too (our attention splits q, k, v in another order)."""
+    peer = randomise(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                                       depth=2, num_classes=10))
+    ours = load_converted(peer.state_dict(), "timm", "vit_ti_16", image_size=32, patch_size=4, depth=2,
+                          num_classes=10)
+    x, y = images(4, 32), torch.arange(4)
+    for model in (peer, ours):
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+    theirs = dict(peer.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "timm_name, preset",
     [("vit_base_patch16_224", "vit_b_16"), ("vit_small_patch16_224", "vit_s_16"), ("vit_tiny_patch16_224", "vit_ti_16")],
