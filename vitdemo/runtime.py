@@ -9,9 +9,11 @@
   at batch 16: the packed product is faster at batch 1 and removes those passes.
 - "onnx": the model exported to ONNX and run by ONNX Runtime, fp32.
 - "int8": that ONNX model with its matrix-product weights quantised to int8 (activations
-  quantised on the fly, per batch): ONNX Runtime's dynamic quantisation. PyTorch's own eager
-  int8 path (`torch.ao.quantization.quantize_dynamic`) is deprecated, and torchao's eager
-  int8 measured 1.28x on ViT-B/16 against ONNX Runtime's 2.1-2.7x (benchmarks/bench.py int8).
+  quantised on the fly, per batch): ONNX Runtime's dynamic quantisation, 2.4x fp32 for
+  ViT-B/16 at batch 1 (`python benchmarks/bench.py int8`). PyTorch's own eager int8 path
+  (`torch.ao.quantization.quantize_dynamic`) is deprecated, and torchao's int8 without
+  `torch.compile` gave only 1.28x in a trial here. Because activations are quantised per
+  batch, an image's logits depend slightly on the other images in its batch.
 
 Each runtime is a callable from a normalised image batch (B, 3, H, W) to logits (B, classes);
 attention maps always come from the PyTorch model itself.
