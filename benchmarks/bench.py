@@ -67,6 +67,16 @@ def report(title: str, times: dict[str, list[float]], per_call: float, unit: str
         print(f"  {name:<28} {rate:8.1f} {unit}  (range {spread}){ratio}")
 
 
+def forward_calls(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """For `interleaved`: one inference-mode call of each model on `x`."""
+    def call(model):
+        def f():
+            with torch.inference_mode():
+                model(x)
+        return f
+    return {name: call(model) for name, model in models.items()}
+
+
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     t = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
@@ -94,14 +104,7 @@ def section_inference(repeats: int) -> None:
     peak = matmul_peak()
     for batch in (1, 16):
         x = torch.randn(batch, 3, 224, 224)
-
-        def run(m):
-            def f():
-                with torch.inference_mode():
-                    m(x)
-            return f
-
-        times = interleaved({k: run(m) for k, m in models.items()}, repeats)
+        times = interleaved(forward_calls(models, x), repeats)
         report(f"ViT-B/16 inference, batch {batch} (fp32, {torch.get_num_threads()} threads)", times, batch,
                "img/s", baseline="timm" if "timm" in models else None)
         for name in ("vitdemo", "vitdemo packed"):
@@ -264,14 +267,7 @@ def section_int8(repeats: int) -> None:
         size = model.config.image_size
         for batch in batches:
             x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
-
-            def run(f):
-                def call():
-                    with torch.inference_mode():
-                        f(x)
-                return call
-
-            times = interleaved({k: run(f) for k, f in runners.items()}, repeats)
+            times = interleaved(forward_calls(runners, x), repeats)
             report(f"{title}, batch {batch}", times, batch, "img/s", baseline="PyTorch fp32")
             with torch.inference_mode():
                 ref = model(x)

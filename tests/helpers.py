@@ -16,8 +16,7 @@ STAND_IN_CLASSES = ["circle", "square", "triangle", "cross"]
 
 def stand_in_app(mp, root):
     """Point the app (vitdemo.ui) at a tiny stand-in 'shipped' model and at server folders under
-    `root`, with an empty model cache, as tests/test_app.py's fixture does; `mp` is a pytest
-    MonkeyPatch. Returns the stand-in checkpoint's path."""
+    `root`, with an empty model cache; `mp` is a pytest MonkeyPatch. Returns the stand-in checkpoint's path."""
     import vitdemo
     from vitdemo import ui
     from vitdemo.checkpoint import preprocessing, save_checkpoint

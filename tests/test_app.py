@@ -13,37 +13,26 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import free_port
 import torch
+from helpers import STAND_IN_CLASSES, free_port, stand_in_app
 from PIL import Image
 
 import vitdemo
 from vitdemo import ui
-from vitdemo.checkpoint import preprocessing, save_checkpoint
 from vitdemo.pretrained import PretrainedUnavailable
 from vitdemo.runtime import packing_available
 
-CLASSES = ["circle", "square", "triangle", "cross"]
+CLASSES = STAND_IN_CLASSES
 
 
 @pytest.fixture(scope="module", autouse=True)
 def app_env(tmp_path_factory):
     """A tiny 'shipped' model, server folders in a temporary directory, an empty model cache."""
     root = tmp_path_factory.mktemp("app")
-    model = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=64, num_heads=2, mlp_dim=128)
-    checkpoint = save_checkpoint(root / "shipped" / "model.safetensors", model, CLASSES,
-                                 preprocessing(32, (0.5,) * 3, (0.5,) * 3),
-                                 metrics={"epoch": 3, "train_acc": 0.5, "val_acc": 0.4, "val_loss": 1.3})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on a busy machine
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ui, "SHIPPED_CHECKPOINT", checkpoint)
-        mp.setattr(ui, "APP_DIR", root / "app")
-        mp.setattr(ui, "RUNS_ROOT", root / "app" / "runs")
-        mp.setattr(ui, "MODELS", ui.ModelStore())
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        mp.setenv("NO_PROXY", "localhost,127.0.0.1")
-        mp.setenv("no_proxy", "localhost,127.0.0.1")
+        stand_in_app(mp, root)
         yield root
     torch.set_num_threads(threads)
 
@@ -91,7 +80,7 @@ def test_auto_runtime_uses_an_int8_export_shipped_beside_the_checkpoint(photo, t
     try:
         runtime.export_onnx(entry.model, path, int8=True)
         entry.views.pop("runtime:int8", None)
-        probs, timing = ui.classify(photo)
+        _, timing = ui.classify(photo)
         assert timing["runtime"] == "int8"
         # A stale file (other weights) is not used as it is: the model is exported afresh.
         other = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=64, num_heads=2, mlp_dim=128)
