@@ -679,6 +679,27 @@ def test_augment_randaugment_runs_reproducibly_and_leaves_the_global_rng_alone()
     assert torch.equal(a, aug(x, torch.Generator().manual_seed(1)))
 
 
+def test_augment_randaugment_gives_each_image_what_torchvision_gives_it_for_its_draws():
+    x = batch(48, s=16)
+    aug = BatchAugment(16, CIFAR_MEAN, CIFAR_STD, crop_padding=None, flip=False, randaugment=True)
+    rounds = aug.randaugment_draws(x, torch.Generator().manual_seed(3))
+    assert len(rounds) == 2 and all(len(draws) == 48 for draws in rounds)
+    ops = {name for draws in rounds for name, _ in draws}
+    assert len(ops) >= 10  # drawn per image: 96 draws cover most of the 14 operations
+    assert any(m < 0 for draws in rounds for _, m in draws)  # signed operations take both signs
+    ra = aug.randaugment
+    expected = []
+    for i, image in enumerate(x):
+        for draws in rounds:
+            name, magnitude = draws[i]
+            image = ra._apply_image_or_video_transform(image, name, magnitude, interpolation=ra.interpolation,
+                                                       fill=ra._fill)
+        expected.append(image)
+    out = aug._randaugment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(out, torch.stack(expected))
+    assert torch.equal(aug(x, torch.Generator().manual_seed(3)), normalize(out, CIFAR_MEAN, CIFAR_STD))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_augment_on_gpu_with_a_gpu_generator_matches_the_cpu_semantics():
     x = batch(32).cuda()

@@ -169,3 +169,20 @@ def test_empty_training_set(shapes):
     empty = shapes[0].subset(torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         list(train(small_model(), empty, None, RECIPES["small-data"], preprocess=PREP, device="cpu"))
+
+
+def test_augmenting_batches_ahead_augments_each_image_once_and_keeps_the_order():
+    from vitdemo.engine import _augmented
+
+    calls = []
+
+    def augment(x, generator=None):
+        calls.append(len(x))
+        return x.float() + 0.5
+
+    batches = [(torch.full((n, 3, 2, 2), i, dtype=torch.uint8), torch.full((n,), i)) for i, n in enumerate([4, 4, 4, 4, 3])]
+    out = list(_augmented(iter(batches), augment, torch.device("cpu"), torch.Generator(), ahead=2))
+    assert calls == [8, 8, 3]  # one call per 2 batches, the last one short
+    assert [len(y) for _, y in out] == [4, 4, 4, 4, 3]
+    for i, (x, y) in enumerate(out):
+        assert torch.equal(x, torch.full_like(x, i + 0.5)) and torch.equal(y, torch.full_like(y, i))

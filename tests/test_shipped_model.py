@@ -1,12 +1,20 @@
 """The checkpoint shipped in checkpoints/: it loads offline, describes itself, predicts deterministically."""
 
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 import vitdemo
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT, read_metadata
+from vitdemo.cli import load_data, split, stratified_sample
 from vitdemo.data import CIFAR10_CLASSES, preprocess
+from vitdemo.engine import evaluate
+
+# CIFAR-10's training images, beside the project's checkout (absent from a user's clone).
+CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train.tar.gz"
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +65,20 @@ def test_shipped_int8_export_is_of_the_shipped_weights(shipped):
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (runner(x).argmax(-1) == model(x).argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_TAR.exists(), reason=f"needs CIFAR-10's training images at {CIFAR_TAR}")
+def test_accuracy_on_1000_held_out_images(shipped, tmp_path):
+    """The split the model was trained with (5,000 held out, seed 0, recorded in its metadata),
+    of which 100 images per class: `python -m vitdemo evaluate --data DIR --val-size 5000
+    --split-seed 0 --limit 1000` prints the same figure."""
+    model, meta = shipped
+    with tarfile.open(CIFAR_TAR) as tar:
+        tar.extractall(tmp_path, filter="data")
+    data, _, _ = load_data(str(tmp_path / "cifar10" / "train"), meta["image_size"])
+    _, val = split(data, meta["val_size"], meta["split_seed"])
+    sample = stratified_sample(val, 1000)
+    assert torch.bincount(sample.labels).tolist() == [100] * 10
+    _, accuracy, _ = evaluate(model, sample, meta["mean"], meta["std"])
+    assert accuracy >= 0.83

@@ -79,6 +79,14 @@ def split(data: ImageData, val_size: float, seed: int) -> tuple[ImageData, Image
     return data.subset(train_idx), data.subset(val_idx)
 
 
+def stratified_sample(data: ImageData, size: int, seed: int = 0) -> ImageData:
+    """`size` of the images, each class in proportion (the first `size` of a split sorted by
+    index would be the first classes only); all of them if `size` is not smaller."""
+    if size >= len(data):
+        return data
+    return data.subset(stratified_split(data.labels, size, seed=seed)[1])
+
+
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     """`--set depth=6 drop_path_rate=0.1` -> {"depth": 6, "drop_path_rate": 0.1}."""
     out = {}
@@ -211,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _, val = split(data, args.val_size, args.split_seed)
     val = val or data
     if args.limit:
-        val = val.subset(torch.arange(min(args.limit, len(val))))
+        val = stratified_sample(val, args.limit)
     device = select_device(args.device)
     runner = model if args.runtime == "eager" else prepare(model, args.runtime, onnx_path=args.onnx)
     loss, acc, preds = evaluate(runner, val, meta["mean"], meta["std"], device=device if args.runtime == "eager" else "cpu")
@@ -372,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     e.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     data_options(e)
-    e.add_argument("--limit", type=int, help="evaluate only the first N validation images")
+    e.add_argument("--limit", type=int, help="evaluate only N validation images, each class in proportion (seed 0)")
     runtime_options(e)
     e.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and (from the checkpoint's "
                                  "history) curves.png")

@@ -638,13 +638,45 @@ class BatchAugment:
         return out
 
     def _randaugment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        # RandAugment draws from the global RNG; seed a private copy of it from our generator so
-        # batches stay reproducible without disturbing anyone else's random stream.
+        """torchvision's RandAugment, drawn per image but applied per operation: every image
+        draws its own operations and signs (`randaugment_draws`), then each operation runs once
+        on all the images that drew it. The operations treat the images of a batch independently,
+        so every image gets what `v2.RandAugment` would give it for the same draws, in at most 23
+        calls per round instead of one per image (fewer kernel launches on a GPU, less Python
+        overhead on a CPU)."""
+        ra = self.randaugment
+        for draws in self.randaugment_draws(x, generator):
+            groups: dict[tuple[str, float], list[int]] = {}
+            for i, draw in enumerate(draws):
+                groups.setdefault(draw, []).append(i)
+            out = x.clone()
+            for (name, magnitude), members in groups.items():
+                idx = torch.tensor(members, device=x.device)
+                out[idx] = ra._apply_image_or_video_transform(x[idx], name, magnitude,
+                                                              interpolation=ra.interpolation, fill=ra._fill)
+            x = out
+        return x
+
+    def randaugment_draws(self, x: Tensor, generator: torch.Generator | None) -> list[list[tuple[str, float]]]:
+        """RandAugment's random choices for a batch: for each of its rounds, an (operation,
+        signed magnitude) per image, drawn as `v2.RandAugment.forward` draws them for one image."""
+        ra = self.randaugment
         dev = generator.device if generator is not None else torch.device("cpu")
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
-        with torch.random.fork_rng(devices=[]):  # RandAugment draws its choices on the CPU only
-            torch.default_generator.manual_seed(seed)  # torch.manual_seed would also reseed the GPUs
-            return torch.stack([self.randaugment(image) for image in x])
+        space = ra._AUGMENTATION_SPACE
+        names = list(space)
+        b, _, h, w = x.shape
+        rounds = []
+        for _ in range(ra.num_ops):
+            ops = torch.randint(len(names), (b,), generator=generator, device=dev).tolist()
+            negative = (torch.rand(b, generator=generator, device=dev) <= 0.5).tolist()
+            draws = []
+            for op, neg in zip(ops, negative):
+                magnitudes_fn, signed = space[names[op]]
+                magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
+                magnitude = 0.0 if magnitudes is None else float(magnitudes[ra.magnitude])
+                draws.append((names[op], -magnitude if signed and neg else magnitude))
+            rounds.append(draws)
+        return rounds
 
 
 def _reflect(index: Tensor, size: int) -> Tensor:
