@@ -662,20 +662,17 @@ class BatchAugment:
         signed magnitude) per image, drawn as `v2.RandAugment.forward` draws them for one image."""
         ra = self.randaugment
         dev = generator.device if generator is not None else torch.device("cpu")
-        space = ra._AUGMENTATION_SPACE
-        names = list(space)
         b, _, h, w = x.shape
+        choices = []  # (operation, magnitude at this image size, signed?)
+        for name, (magnitudes_fn, signed) in ra._AUGMENTATION_SPACE.items():
+            magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
+            choices.append((name, 0.0 if magnitudes is None else float(magnitudes[ra.magnitude]), signed))
         rounds = []
         for _ in range(ra.num_ops):
-            ops = torch.randint(len(names), (b,), generator=generator, device=dev).tolist()
+            ops = torch.randint(len(choices), (b,), generator=generator, device=dev).tolist()
             negative = (torch.rand(b, generator=generator, device=dev) <= 0.5).tolist()
-            draws = []
-            for op, neg in zip(ops, negative):
-                magnitudes_fn, signed = space[names[op]]
-                magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
-                magnitude = 0.0 if magnitudes is None else float(magnitudes[ra.magnitude])
-                draws.append((names[op], -magnitude if signed and neg else magnitude))
-            rounds.append(draws)
+            rounds.append([(choices[op][0], -choices[op][1] if choices[op][2] and neg else choices[op][1])
+                           for op, neg in zip(ops, negative)])
         return rounds
 
 

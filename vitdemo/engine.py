@@ -428,8 +428,8 @@ def train(
 def _augmented(batches: Iterator[tuple[Tensor, Tensor]], augment: BatchAugment, device: torch.device,
                generator: torch.Generator, ahead: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Move batches to `device` and augment them, `ahead` batches in one call. Augmentation is
-    drawn image by image, so grouping changes only the number of calls: on a GPU, where a small
-    ViT's step is bound by kernel launches, one call per batch would cost as much as the step."""
+    drawn image by image, so grouping changes only the number of calls, and so of kernel launches,
+    by which a small ViT's step on a GPU is bound."""
     while group := list(itertools.islice(batches, ahead)):
         x = augment(torch.cat([images for images, _ in group]).to(device, non_blocking=True), generator=generator)
         for part, (_, labels) in zip(x.split([len(labels) for _, labels in group]), group):
