@@ -103,6 +103,22 @@ def test_nan_loss_stops_with_clear_message(shapes):
         run(model, shapes, RECIPES["small-data"].replace(epochs=1))
 
 
+def test_read_back_sums_pending_steps_and_names_the_first_bad_one():
+    # On a GPU the loop reads losses back once per log interval; the sums and the step named in
+    # the error must be those of reading every step.
+    from vitdemo.engine import _read_back
+
+    def pending(*losses):
+        return [(torch.tensor(v), torch.tensor(c), 4) for v, c in zip(losses, range(1, len(losses) + 1))]
+
+    sums, window = [0.0, 0.0, 0.0], [1.0, 1.0, 4.0, 0.0]
+    steps = pending(0.5, 1.5)
+    _read_back(steps, step=12, epoch=0, lr=1e-3, totals=(sums, window))
+    assert steps == [] and sums == [8.0, 3.0, 8.0] and window[:3] == [9.0, 4.0, 12.0]
+    with pytest.raises(TrainingError, match=r"loss became inf at step 11 \(epoch 3"):
+        _read_back(pending(0.5, float("inf"), float("nan")), step=12, epoch=2, lr=1e-3, totals=(sums,))
+
+
 def test_freeze_backbone_trains_only_the_head(shapes):
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

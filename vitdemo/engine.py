@@ -357,6 +357,7 @@ def train(
                                   rank=rank, world_size=world)
         if augment is not None:
             batches = _augmented(batches, augment, device, aug_gen, ahead=AUGMENT_AHEAD if device.type == "cuda" else 1)
+        pending: list[tuple[Tensor, Tensor, int]] = []  # (loss, correct, n) of steps not yet read back
         for x, y in batches:
             if should_stop is not None and should_stop():
                 stopped = True
@@ -365,13 +366,6 @@ def train(
             with _autocast(device):
                 logits = net(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"the loss became {loss_value} at step {step + 1} (epoch {epoch + 1}, lr "
-                    f"{scheduler.get_last_lr()[0]:.3g}); training stopped. Lower the learning rate or "
-                    f"check the data; the last epoch's checkpoint is intact"
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
@@ -379,12 +373,13 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
-            n, correct = len(y), (logits.argmax(1) == y).sum().item()
-            for acc in (sums, window):
-                acc[0] += loss_value * n
-                acc[1] += correct
-                acc[2] += n
-            if step % log_every == 0 or step == total_steps:
+            pending.append((loss.detach(), (logits.argmax(1) == y).sum(), len(y)))
+            log_now = step % log_every == 0 or step == total_steps
+            # Reading a value back waits for the GPU; a small ViT's step is bound by kernel launches,
+            # so on a GPU the values are read once per log interval, letting the CPU queue steps ahead.
+            if log_now or device.type != "cuda":
+                _read_back(pending, step, epoch, scheduler.get_last_lr()[0], (sums, window))
+            if log_now:
                 now = time.perf_counter()
                 rate = window[2] * world / max(now - window[3], 1e-9)
                 remaining = (total_steps - step) * recipe.batch_size * world / max(rate, 1e-9)
@@ -393,6 +388,7 @@ def train(
                 window = [0.0, 0.0, 0.0, time.perf_counter()]
         if stopped:
             break
+        _read_back(pending, step, epoch, scheduler.get_last_lr()[0], (sums, window))
 
         train_loss, train_acc, count = _all_sum(sums, device)
         train_loss, train_acc = train_loss / max(count, 1), train_acc / max(count, 1)
@@ -423,6 +419,29 @@ def train(
     # No epoch completed (in this run or the one resumed): no checkpoint was written, name none.
     saved = checkpoint if checkpoint is not None and history["train_loss"] else None
     yield DoneEvent(history, stopped, time.perf_counter() - run_start, saved)
+
+
+def _read_back(pending: list[tuple[Tensor, Tensor, int]], step: int, epoch: int, lr: float,
+               totals: tuple[list[float], ...]) -> None:
+    """Add the pending steps' (loss * n, correct, n) to each of `totals`, in one transfer, and
+    empty `pending`. Raises TrainingError naming the first step whose loss was not finite."""
+    if not pending:
+        return
+    losses = torch.stack([loss for loss, _, _ in pending]).tolist()
+    corrects = torch.stack([correct for _, correct, _ in pending]).tolist()
+    first = step - len(pending) + 1
+    for i, (loss_value, correct, (_, _, n)) in enumerate(zip(losses, corrects, pending)):
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"the loss became {loss_value} at step {first + i} (epoch {epoch + 1}, lr {lr:.3g}); "
+                f"training stopped. Lower the learning rate or check the data; the last epoch's "
+                f"checkpoint is intact"
+            )
+        for acc in totals:
+            acc[0] += loss_value * n
+            acc[1] += correct
+            acc[2] += n
+    pending.clear()
 
 
 def _augmented(batches: Iterator[tuple[Tensor, Tensor]], augment: BatchAugment, device: torch.device,
