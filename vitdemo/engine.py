@@ -427,8 +427,8 @@ def _read_back(pending: list[tuple[Tensor, Tensor, int]], step: int, epoch: int,
     empty `pending`. Raises TrainingError naming the first step whose loss was not finite."""
     if not pending:
         return
-    losses = torch.stack([loss for loss, _, _ in pending]).tolist()
-    corrects = torch.stack([correct for _, correct, _ in pending]).tolist()
+    values = torch.stack([loss for loss, _, _ in pending] + [c.to(pending[0][0].dtype) for _, c, _ in pending]).tolist()
+    losses, corrects = values[:len(pending)], values[len(pending):]
     first = step - len(pending) + 1
     for i, (loss_value, correct, (_, _, n)) in enumerate(zip(losses, corrects, pending)):
         if not math.isfinite(loss_value):
