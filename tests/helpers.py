@@ -15,20 +15,20 @@ STAND_IN_CLASSES = ["circle", "square", "triangle", "cross"]
 
 
 def stand_in_app(mp, root):
-    """Point the app (vitdemo.ui) at a tiny stand-in 'shipped' model and at server folders under
+    """Point the app (vitdemo.app) at a tiny stand-in 'shipped' model and at server folders under
     `root`, with an empty model cache; `mp` is a pytest MonkeyPatch. Returns the stand-in checkpoint's path."""
     import vitdemo
-    from vitdemo import ui
+    from vitdemo.app import common, models, training
     from vitdemo.checkpoint import preprocessing, save_checkpoint
 
     model = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=64, num_heads=2, mlp_dim=128)
     checkpoint = save_checkpoint(root / "shipped" / "model.safetensors", model, STAND_IN_CLASSES,
                                  preprocessing(32, (0.5,) * 3, (0.5,) * 3),
                                  metrics={"epoch": 3, "train_acc": 0.5, "val_acc": 0.4, "val_loss": 1.3})
-    mp.setattr(ui, "SHIPPED_CHECKPOINT", checkpoint)
-    mp.setattr(ui, "APP_DIR", root / "app")
-    mp.setattr(ui, "RUNS_ROOT", root / "app" / "runs")
-    mp.setattr(ui, "MODELS", ui.ModelStore())
+    mp.setattr(models, "SHIPPED_CHECKPOINT", checkpoint)
+    mp.setattr(common, "APP_DIR", root / "app")
+    mp.setattr(training, "RUNS_ROOT", root / "app" / "runs")
+    mp.setattr(models, "MODELS", models.ModelStore())
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     mp.setenv("NO_PROXY", "localhost,127.0.0.1")
     mp.setenv("no_proxy", "localhost,127.0.0.1")

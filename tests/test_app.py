@@ -18,7 +18,9 @@ from helpers import STAND_IN_CLASSES, free_port, stand_in_app
 from PIL import Image
 
 import vitdemo
-from vitdemo import ui
+import vitdemo.app
+from vitdemo.app import (attention_tab, classify_tab, common, examples, models, patches_tab, position_tab, train_tab,
+                         training)
 from vitdemo.pretrained import PretrainedUnavailable
 from vitdemo.runtime import packing_available
 
@@ -39,7 +41,7 @@ def app_env(tmp_path_factory):
 
 @pytest.fixture
 def photo():
-    return Image.open(ui.draw_examples(ui.APP_DIR / "examples")[0])
+    return Image.open(examples.draw_examples(common.APP_DIR / "examples")[0])
 
 
 def error_message(excinfo) -> str:
@@ -52,41 +54,41 @@ def error_message(excinfo) -> str:
 
 
 def test_classify_returns_probabilities_and_time(photo):
-    probs, timing = ui.classify(photo)
+    probs, timing = classify_tab.classify(photo)
     assert set(probs) == set(CLASSES)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert list(probs.values()) == sorted(probs.values(), reverse=True)
     # No int8 export lies beside the stand-in model, so "auto" runs the prepacked fp32 model.
     assert timing["ms"] > 0 and timing["runtime"] == ("packed" if packing_available() else "eager")
-    assert "ms" in ui.timing_text(timing)
+    assert "ms" in classify_tab.timing_text(timing)
 
 
 def test_every_runtime_gives_the_same_classes(photo):
-    eager, _ = ui.classify(photo, ui.SHIPPED, "eager")
+    eager, _ = classify_tab.classify(photo, models.SHIPPED, "eager")
     for runtime in ("packed", "onnx", "int8"):
-        probs, timing = ui.classify(photo, ui.SHIPPED, runtime)
+        probs, timing = classify_tab.classify(photo, models.SHIPPED, runtime)
         assert timing["runtime"] == runtime
         assert max(probs, key=probs.get) == max(eager, key=eager.get)
         assert probs == pytest.approx(eager, abs=0.05 if runtime == "int8" else 1e-4)
     with pytest.raises(gr.Error, match="Unknown runtime"):
-        ui.classify(photo, ui.SHIPPED, "tensorrt")
+        classify_tab.classify(photo, models.SHIPPED, "tensorrt")
 
 
 def test_auto_runtime_uses_an_int8_export_shipped_beside_the_checkpoint(photo, tmp_path):
     from vitdemo import runtime
 
-    entry = ui.MODELS.get(ui.SHIPPED)
+    entry = models.MODELS.get(models.SHIPPED)
     path = Path(entry.checkpoint).parent / "model.int8.onnx"
     try:
         runtime.export_onnx(entry.model, path, int8=True)
         entry.views.pop("runtime:int8", None)
-        _, timing = ui.classify(photo)
+        _, timing = classify_tab.classify(photo)
         assert timing["runtime"] == "int8"
         # A stale file (other weights) is not used as it is: the model is exported afresh.
         other = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=64, num_heads=2, mlp_dim=128)
         runtime.export_onnx(other, path, int8=True)
         entry.views.pop("runtime:int8", None)
-        run, name = ui.model_runner(entry, "auto")
+        run, name = models.model_runner(entry, "auto")
         assert name == "int8" and run.metadata[runtime.SOURCE_KEY] == runtime.weights_digest(entry.model)
     finally:
         path.unlink(missing_ok=True)
@@ -100,43 +102,43 @@ def test_classify_handles_odd_modes(photo, mode):
         assert image.mode == "I;16"
     else:
         image = photo.convert(mode)
-    probs, _ = ui.classify(image)
+    probs, _ = classify_tab.classify(image)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_sixteen_bit_and_transparent_images_keep_their_picture():
     grey = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-grey in 16 bits
-    assert ui.to_rgb(grey).getpixel((0, 0)) == (128, 128, 128)  # not clipped to white
+    assert common.to_rgb(grey).getpixel((0, 0)) == (128, 128, 128)  # not clipped to white
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    assert ui.to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)  # composited on white
+    assert common.to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)  # composited on white
 
 
 def test_bad_images_give_clear_errors(monkeypatch):
     with pytest.raises(gr.Error) as excinfo:
-        ui.classify(None)
+        classify_tab.classify(None)
     assert "No image" in error_message(excinfo)
     with pytest.raises(gr.Error, match="Not an image"):
-        ui.classify("photo.jpg")
-    monkeypatch.setattr(ui, "MAX_PIXELS", 100 * 100)
+        classify_tab.classify("photo.jpg")
+    monkeypatch.setattr(common, "MAX_PIXELS", 100 * 100)
     with pytest.raises(gr.Error) as excinfo:
-        ui.classify(Image.new("RGB", (101, 100)))
+        classify_tab.classify(Image.new("RGB", (101, 100)))
     assert "too large" in error_message(excinfo) and "10,100" in error_message(excinfo)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
     truncated = Image.open(io.BytesIO(buf.getvalue()[:-40]))  # opened lazily, as Gradio does
     with pytest.raises(gr.Error) as excinfo:
-        ui.classify(truncated)
+        classify_tab.classify(truncated)
     assert "could not be decoded" in error_message(excinfo)
 
 
 def test_missing_shipped_model_is_explained_not_fatal(monkeypatch, tmp_path, photo):
-    monkeypatch.setattr(ui, "SHIPPED_CHECKPOINT", tmp_path / "none" / "model.safetensors")
+    monkeypatch.setattr(models, "SHIPPED_CHECKPOINT", tmp_path / "none" / "model.safetensors")
     with pytest.raises(gr.Error) as excinfo:
-        ui.classify(photo)
+        classify_tab.classify(photo)
     assert "No shipped model is present" in error_message(excinfo)
-    note, card, *_ = ui.select_model(ui.SHIPPED)
+    note, card, *_ = vitdemo.app.select_model(models.SHIPPED)
     assert "No shipped model is present" in note and "No shipped model is present" in card
-    fig, tile, text = ui.position_views(ui.SHIPPED)
+    fig, tile, text = position_tab.position_views(models.SHIPPED)
     assert fig is None and tile is None and "No shipped model" in text
 
 
@@ -147,19 +149,19 @@ def test_pretrained_offline_failure_is_cached(monkeypatch, photo):
         calls.append(source)
         raise PretrainedUnavailable("no network")
 
-    monkeypatch.setattr(ui, "load_pretrained", offline)
+    monkeypatch.setattr(models, "load_pretrained", offline)
     for _ in range(2):
         with pytest.raises(gr.Error) as excinfo:
-            ui.classify(photo, ui.PRETRAINED)
+            classify_tab.classify(photo, models.PRETRAINED)
         assert "not available" in error_message(excinfo) and "no network" in error_message(excinfo)
     assert calls == ["torchvision"]  # the second click did not try to download again
-    assert "Not available now" in ui.model_card(ui.PRETRAINED)
-    assert "86,567,656" in ui.model_card(ui.PRETRAINED)  # the card needs no download
+    assert "Not available now" in models.model_card(models.PRETRAINED)
+    assert "86,567,656" in models.model_card(models.PRETRAINED)  # the card needs no download
 
 
 def test_unknown_model_name_is_an_error(photo):
     with pytest.raises(gr.Error, match="Unknown model"):
-        ui.classify(photo, "../../etc/passwd")
+        classify_tab.classify(photo, "../../etc/passwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,48 +170,48 @@ def test_unknown_model_name_is_an_error(photo):
 
 
 def test_patches_shows_grid_sequence_and_counts(photo):
-    grid, strip, text = ui.patches(photo)
+    grid, strip, text = patches_tab.patches(photo)
     assert grid.size == (256, 256)  # 32 px drawn 8x larger
     assert strip.size == (16 * 32 + 15 * 2, 4 * 32 + 3 * 2)  # 64 patches of 32 px, 16 per row, 2 px gaps
     assert "64 patches of 4x4" in text and "65 tokens" in text
 
 
 def test_position_embedding_views(photo):
-    fig = ui.position_figure(ui.SHIPPED)
+    fig = position_tab.position_figure(models.SHIPPED)
     assert isinstance(fig, Image.Image) and min(fig.size) > 200
-    tile, text = ui.position_detail(ui.SHIPPED, 3, 5)
-    assert tile.size == (ui.VIEW_SIZE, ui.VIEW_SIZE)
+    tile, text = position_tab.position_detail(models.SHIPPED, 3, 5)
+    assert tile.size == (common.VIEW_SIZE, common.VIEW_SIZE)
     assert "row 3, column 5" in text
-    _, text = ui.position_detail(ui.SHIPPED, 99, -4)  # out of range: clamped
+    _, text = position_tab.position_detail(models.SHIPPED, 99, -4)  # out of range: clamped
     assert "row 8, column 1" in text
 
 
 def test_attention_views_and_cache(photo, monkeypatch):
-    rollout, gallery, distance, caption, cache = ui.explain(photo, ui.SHIPPED, None, "max", 0.5, 0.6, False, 2,
-                                                            ui.QUERY_PATCH, 3, 4)
-    assert rollout.size == (ui.VIEW_SIZE, ui.VIEW_SIZE)
+    rollout, gallery, distance, caption, cache = attention_tab.explain(photo, models.SHIPPED, None, "max", 0.5, 0.6, False, 2,
+                                                            attention_tab.QUERY_PATCH, 3, 4)
+    assert rollout.size == (common.VIEW_SIZE, common.VIEW_SIZE)
     assert len(gallery) == 2 and all(isinstance(im, Image.Image) for im, _ in gallery)  # one tile per head
     assert isinstance(distance, Image.Image)
     assert "row 3, column 4" in caption and "layer 2" in caption
     assert len(cache["attentions"]) == 2
 
     forwards = []
-    real = ui._forward
-    monkeypatch.setattr(ui, "_forward", lambda *a: forwards.append(1) or real(*a))
-    again = ui.explain(photo, ui.SHIPPED, cache, "min", 0.0, 0.3, True, 1, ui.QUERY_CLS)
+    real = attention_tab._forward
+    monkeypatch.setattr(attention_tab, "_forward", lambda *a: forwards.append(1) or real(*a))
+    again = attention_tab.explain(photo, models.SHIPPED, cache, "min", 0.0, 0.3, True, 1, attention_tab.QUERY_CLS)
     assert forwards == [] and again[4] is cache  # display controls only: no new forward pass
     assert "gradient rollout" in again[3]
-    ui.explain(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), ui.SHIPPED, cache)
+    attention_tab.explain(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), models.SHIPPED, cache)
     assert forwards == [1]  # a new image: computed again
-    assert all(p.grad is None for p in ui.MODELS.get(ui.SHIPPED).model.parameters())
+    assert all(p.grad is None for p in models.MODELS.get(models.SHIPPED).model.parameters())
 
 
 def test_model_card_and_picker():
-    card = ui.model_card(ui.SHIPPED)
+    card = models.model_card(models.SHIPPED)
     assert "74,692" in card and "circle" in card and "40.0%" in card
-    note, card, layer, rows, cols, *_ = ui.select_model(ui.SHIPPED)
+    note, card, layer, rows, cols, *_ = vitdemo.app.select_model(models.SHIPPED)
     assert layer["maximum"] == 2 and rows["maximum"] == 8
-    assert ui.SHIPPED in ui.model_choices() and ui.PRETRAINED in ui.model_choices()
+    assert models.SHIPPED in models.model_choices() and models.PRETRAINED in models.model_choices()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,68 +222,68 @@ TINY_RUN = dict(per_class=24, depth=1, width=64, epochs=1, lr=1e-3, batch_size=3
 
 
 def test_training_streams_curves_and_registers_the_model(photo):
-    outputs = list(ui.train_run(ui.SRC_SYNTHETIC, None, **TINY_RUN))
+    outputs = list(train_tab.train_run(training.SRC_SYNTHETIC, None, **TINY_RUN))
     for loss, acc, status, _, _ in outputs:
-        assert list(loss.columns) == ["step", "value", "metric"] and list(acc.columns) == ["step", "value", "metric"]
+        assert list(loss.columns) == ["step", "value", "series"] and list(acc.columns) == ["step", "value", "series"]
         assert isinstance(status, str)
     loss, acc, status, picker, checkpoint = outputs[-1]
-    assert set(loss["metric"]) == {"train", "validation"} and set(acc["metric"]) == {"train", "validation"}
+    assert set(loss["series"]) == {"train", "validation"} and set(acc["series"]) == {"train", "validation"}
     assert acc["value"].between(0, 100).all()
     assert "Finished" in status
     name = picker["value"]
-    assert name in picker["choices"] and name in ui.model_choices() and "(finished)" in name
+    assert name in picker["choices"] and name in models.model_choices() and "(finished)" in name
     assert os.path.isfile(checkpoint)
     model, meta = vitdemo.load_checkpoint(checkpoint)
     assert meta["class_names"] == list(vitdemo.data.SHAPES[:4]) and meta["metrics"]["epoch"] == 1
-    probs, _ = ui.classify(photo, name)
+    probs, _ = classify_tab.classify(photo, name)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_stopping_training_keeps_the_model_so_far(photo):
-    run = ui.train_run(ui.SRC_SYNTHETIC, None, **dict(TINY_RUN, epochs=5))
+    run = train_tab.train_run(training.SRC_SYNTHETIC, None, **dict(TINY_RUN, epochs=5))
     for loss, _, status, _, _ in run:
         if len(loss):  # the first step is done
             break
     run.close()  # what Gradio does on Stop
-    status, picker, checkpoint = ui.after_stop(timeout=5)
+    status, picker, checkpoint = train_tab.after_stop(timeout=5)
     assert "Stopped" in status
     name = picker["value"]
-    assert name.endswith("(stopped)") and name in ui.model_choices()
+    assert name.endswith("(stopped)") and name in models.model_choices()
     assert os.path.isfile(checkpoint)
-    assert "Stopped by the user at step" in ui.model_card(name)
-    assert ui.classify(photo, name)[0]
+    assert "Stopped by the user at step" in models.model_card(name)
+    assert classify_tab.classify(photo, name)[0]
 
 
 def test_training_input_errors(tmp_path):
     def start(source, zip_file=None, **kwargs):
-        for _ in ui.train_run(source, zip_file, **dict(TINY_RUN, **kwargs)):
+        for _ in train_tab.train_run(source, zip_file, **dict(TINY_RUN, **kwargs)):
             pass
 
     with pytest.raises(gr.Error, match="Upload a .zip"):
-        start(ui.SRC_ZIP)
+        start(training.SRC_ZIP)
     flat = tmp_path / "flat.zip"
     with zipfile.ZipFile(flat, "w") as z:
         buf = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buf, format="PNG")
         z.writestr("a.png", buf.getvalue())
     with pytest.raises(gr.Error, match="class folders"):
-        start(ui.SRC_ZIP, str(flat))
+        start(training.SRC_ZIP, str(flat))
     fake = tmp_path / "fake.zip"
     fake.write_text("not a zip")
     with pytest.raises(gr.Error, match="not a valid zip"):
-        start(ui.SRC_ZIP, str(fake))
+        start(training.SRC_ZIP, str(fake))
     with pytest.raises(gr.Error, match="Freeze the backbone"):
-        start(ui.SRC_SYNTHETIC, freeze_backbone=True)
+        start(training.SRC_SYNTHETIC, freeze_backbone=True)
     with pytest.raises(gr.Error, match="learning rate"):
-        start(ui.SRC_SYNTHETIC, lr=5.0)
+        start(training.SRC_SYNTHETIC, lr=5.0)
 
 
 def test_fine_tuning_with_a_frozen_backbone_trains_only_a_new_head():
-    outputs = list(ui.train_run(ui.SRC_SYNTHETIC, None, **TINY_RUN, finetune=True, freeze_backbone=True,
-                                model_name=ui.SHIPPED))
+    outputs = list(train_tab.train_run(training.SRC_SYNTHETIC, None, **TINY_RUN, finetune=True, freeze_backbone=True,
+                                model_name=models.SHIPPED))
     name = outputs[-1][3]["value"]
     assert "fine-tuned from" in name and "head only" in name
-    tuned, shipped = ui.MODELS.get(name).model, ui.MODELS.get(ui.SHIPPED).model
+    tuned, shipped = models.MODELS.get(name).model, models.MODELS.get(models.SHIPPED).model
     assert torch.equal(tuned.blocks[0].attn.qkv.weight, shipped.blocks[0].attn.qkv.weight)  # backbone kept
     assert not torch.equal(tuned.head.weight, shipped.head.weight)
     assert all(not p.requires_grad for p in shipped.parameters())  # the shared model was not touched
@@ -294,20 +296,21 @@ def test_cifar_offline_is_explained_once(monkeypatch):
         calls.append(1)
         raise vitdemo.data.DataError("could not download") from OSError("Name or service not known")
 
-    monkeypatch.setattr(ui, "load_cifar10", offline)
+    monkeypatch.setattr(training, "load_cifar10", offline)
+    monkeypatch.setattr(training, "cifar_folders", lambda: [])
     for _ in range(2):
         with pytest.raises(gr.Error) as excinfo:
-            ui.load_training_data(ui.SRC_CIFAR, None, 10, 32)
+            training.load_training_data(training.SRC_CIFAR, None, 10, 32)
         assert "offline" in error_message(excinfo) and "Name or service not known" in error_message(excinfo)
     assert calls == [1]
 
 
 def test_plot_points_are_bounded():
     rows = [(i, 1.0, "train") for i in range(2000)] + [(i * 200, 0.5, "validation") for i in range(10)]
-    frame = ui._frame(rows)
-    assert isinstance(frame, pd.DataFrame) and len(frame) <= ui.MAX_PLOT_POINTS
-    assert (frame["metric"] == "validation").sum() == 10
-    assert frame["step"].iloc[0] == 0 and frame[frame.metric == "train"]["step"].iloc[-1] == 1999
+    frame = training.frame(rows)
+    assert isinstance(frame, pd.DataFrame) and len(frame) <= training.MAX_PLOT_POINTS
+    assert (frame["series"] == "validation").sum() == 10
+    assert frame["step"].iloc[0] == 0 and frame[frame.series == "train"]["step"].iloc[-1] == 1999
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,26 +323,26 @@ def test_launched_app_classifies_and_refuses_bad_files(tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    demo = ui.build_demo()
+    demo = vitdemo.app.build_demo()
     try:
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                quiet=True, **ui.launch_options())
+                                quiet=True, **vitdemo.app.launch_options())
         client = Client(url, analytics_enabled=False, verbose=False, download_files=str(tmp_path / "downloads"))
-        example = ui.draw_examples(tmp_path / "examples")[1]
+        example = examples.draw_examples(tmp_path / "examples")[1]
         result = client.predict(handle_file(str(example)), api_name="/classify")
         assert result["label"] in CLASSES
         assert sum(c["confidence"] for c in result["confidences"]) == pytest.approx(1.0, abs=1e-4)
 
         # Training through Gradio's queue, stopped as the Stop button does: the run becomes a model.
-        before = set(ui.model_choices())
-        job = client.submit(ui.SRC_SYNTHETIC, None, 24, 1, 64, 20, 1e-3, 32, False, False, ui.SHIPPED,
+        before = set(models.model_choices())
+        job = client.submit(training.SRC_SYNTHETIC, None, 24, 8, 1, 64, 20, 1e-3, 32, False, False, models.SHIPPED,
                             api_name="/train")
         deadline = time.monotonic() + 30
         while not any(len(out[0]["data"]) for out in job.outputs()) and time.monotonic() < deadline:
             time.sleep(0.05)
         job.cancel()
         deadline = time.monotonic() + 30
-        while not (new := set(ui.model_choices()) - before) and time.monotonic() < deadline:
+        while not (new := set(models.model_choices()) - before) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(new) == 1 and new.pop().endswith("(stopped)")
 

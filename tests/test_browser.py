@@ -30,7 +30,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 def app_url():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ["NO_PROXY"] = "localhost,127.0.0.1"
-    from vitdemo.ui import build_demo, launch_options
+    from vitdemo.app import build_demo, launch_options
 
     demo = build_demo()
     port = free_port()

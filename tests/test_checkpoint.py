@@ -59,7 +59,8 @@ def write_raw(path, tensors, metadata):
 
 
 def good_metadata(model):
-    return {"config": model.config.to_dict(), "class_names": CLASSES, **PREP}
+    return {"format": "vitdemo-checkpoint", "format_version": 1, "config": model.config.to_dict(),
+            "class_names": CLASSES, **PREP}
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -92,6 +93,37 @@ def test_missing_metadata(tmp_path, drop):
     del meta[drop]
     write_raw(tmp_path / "m.safetensors", model.state_dict(), meta)
     with pytest.raises(CheckpointError, match=f"lacks.*{drop}"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_good_metadata_written_by_hand_loads(tmp_path):
+    model = small_model().eval()
+    write_raw(tmp_path / "m.safetensors", model.state_dict(), good_metadata(model))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "m.safetensors")[0](x), model(x))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"format_version": 2, "vitdemo_version": "9.0"},
+     r"written by a newer vitdemo \(9\.0, checkpoint format 2\); this vitdemo \(.+\) reads format 1: update vitdemo"),
+    ({"format_version": "1"}, "invalid checkpoint format version: '1'"),
+    ({"format_version": None}, "invalid checkpoint format version: None"),
+    ({"format": "someone-else"}, "not a vitdemo checkpoint \\(format 'someone-else'"),
+])
+def test_format_and_version_are_checked_on_load(tmp_path, changes, message):
+    """A newer format may mean something else by the same fields: refuse it, saying what to do."""
+    model = small_model()
+    write_raw(tmp_path / "m.safetensors", model.state_dict(), {**good_metadata(model), **changes})
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        read_metadata(tmp_path / "m.safetensors")
+
+
+def test_metadata_that_is_not_an_object(tmp_path):
+    save_file(small_model().state_dict(), str(tmp_path / "m.safetensors"), metadata={"vitdemo": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="corrupt metadata: not a JSON object"):
         load_checkpoint(tmp_path / "m.safetensors")
 
 
@@ -198,8 +230,13 @@ def test_unwrap():
         unwrap(torch.nn.Linear(2, 2))
 
 
-def test_checkpoint_file_has_ordinary_permissions(tmp_path):
-    path = save_checkpoint(tmp_path / "m.safetensors", small_model(), CLASSES, PREP)
-    from vitdemo.checkpoint import _umask
-
-    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as open() would create it, not mkstemp's 0600
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_checkpoint_file_has_ordinary_permissions(tmp_path, umask, mode):
+    """As open() would create it under the process's umask, not mkstemp's 0600 (expected modes
+    written out, not computed by the code under test)."""
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "m.safetensors", small_model(), CLASSES, PREP)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode

@@ -18,6 +18,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from vitdemo.data import (
     CIFAR10_CLASSES,
@@ -34,6 +35,8 @@ from vitdemo.data import (
     load_image,
     load_image_folder,
     load_zip,
+    model_crop,
+    model_crop_batch,
     normalize,
     num_batches,
     preprocess,
@@ -298,6 +301,79 @@ def test_load_image_rejects_garbage_truncated_and_bombs(tmp_path, monkeypatch):
     assert load_image(png_bytes(rgb(20, 20))).size == (20, 20)
 
 
+def test_load_image_reports_a_bug_or_the_machine_as_what_it_is_not_as_a_bad_file(tmp_path, monkeypatch):
+    """A MemoryError, a PermissionError or a bug in vitdemo's own code is not "not an image or
+    corrupt": the first and the last surface as they are, the second says the file cannot be read."""
+    import vitdemo.data as D
+    from PIL import ImageFile
+
+    path = save(rgb(20, 20), tmp_path / "fine.png")
+
+    def bug(image):
+        raise AttributeError("'NoneType' object has no attribute 'convert'")
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "to_rgb", bug)  # vitdemo's own conversion, after decoding
+        with pytest.raises(AttributeError, match="no attribute 'convert'"):
+            load_image(path)
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError()
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_memory)  # while Pillow decodes
+        with pytest.raises(MemoryError):
+            load_image(path)
+
+    def denied(fp, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(fp))
+
+    with monkeypatch.context() as m:
+        m.setattr(Image, "open", denied)
+        with pytest.raises(DataError, match=r"cannot read .*fine\.png: Permission denied") as err:
+            load_image(path)
+        assert "corrupt" not in str(err.value) and "not an image" not in str(err.value)
+    assert load_image(path).size == (20, 20)
+
+
+def test_folder_loader_skips_bad_files_but_surfaces_bugs(tmp_path, monkeypatch):
+    """A bug must not turn every file into a skipped one ("no readable images"); a file that
+    cannot be opened is skipped with the true reason."""
+    import vitdemo.data as D
+    from PIL import ImageFile
+
+    make_tree(tmp_path, {"cat": 2, "dog": 2})
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for *: 'NoneType' and 'int'")
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "model_crop", bug)
+        with pytest.raises(TypeError, match="unsupported operand"):
+            load_image_folder(tmp_path, image_size=16, progress=False)
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError()
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_memory)
+        with pytest.raises(MemoryError):
+            load_image_folder(tmp_path, image_size=16, progress=False, num_workers=1)
+
+    real_open = Image.open
+
+    def denied_for_one(fp, *args, **kwargs):
+        if Path(fp).parts[-2:] == ("dog", "001.png"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Image, "open", denied_for_one)
+        data = load_image_folder(tmp_path, image_size=16, progress=False)
+    assert len(data) == 3 and data.labels.tolist() == [0, 0, 1]
+    assert data.skipped == ["dog/001.png: cannot read the file (Permission denied)"]
+
+
 def test_preprocess_matches_what_the_folder_loader_stored(tmp_path):
     paths = [save(rgb(45, 31, seed=1), tmp_path / "a" / "x.jpg"), save(rgb(20, 60, seed=2), tmp_path / "b" / "y.png")]
     data = load_image_folder(tmp_path, image_size=24, progress=False)
@@ -317,6 +393,93 @@ def test_preprocess_resize_then_centre_crop():
     assert y[0, :, 10, 10].min() > 0.9 and y[0, :, 0, 0].max() < 0.1
     with pytest.raises(ValueError):
         preprocess(image, 20, (0, 0, 0), (1, 1, 1), resize=10)
+
+
+def marked(w: int = 96, h: int = 64, box: tuple[int, int, int, int] = (33, 17, 40, 24)) -> Image.Image:
+    """Dark grey with one white rectangle (left, top, right, bottom), to find where pixels go."""
+    a = np.full((h, w, 3), 40, np.uint8)
+    a[box[1]:box[3], box[0]:box[2]] = 255
+    return Image.fromarray(a)
+
+
+def centroid(image: Image.Image) -> tuple[float, float]:
+    """(x, y) centre of the white pixels."""
+    ys, xs = np.nonzero(np.asarray(image)[..., 0] > 200)
+    return float(xs.mean()), float(ys.mean())
+
+
+def test_model_crop_is_the_square_preprocess_feeds_the_model():
+    """resize 64 = the shorter side of a 96 x 64 image: no scaling, the model sees the central
+    32 x 32 pixels, columns 32-63 and rows 16-47, exactly."""
+    image = marked()
+    crop = model_crop(image, 32, resize=64)
+    assert np.array_equal(np.asarray(crop), np.asarray(image.crop((32, 16, 64, 48))))
+    x = preprocess(image, 32, (0, 0, 0), (1, 1, 1), resize=64)
+    assert torch.equal((x[0] * 255).round().to(torch.uint8), TF.pil_to_tensor(crop))
+    # Drawn at 128 px for display: the same square, 4x larger, so the box (33-39, 17-23) lands at 4-31.
+    assert centroid(model_crop(image, 32, resize=64, size=128)) == pytest.approx((18, 18), abs=0.6)
+
+
+@pytest.mark.parametrize("size", [32, 128, 320])
+def test_model_crop_at_any_size_is_the_same_region_when_resizing(size):
+    """resize 48: the 96 x 64 image shrinks to 72 x 48 and the crop (20, 8)-(52, 40) of that is
+    (26.67, 10.67)-(69.33, 53.33) of the original; the box's centre (36.5, 20.5) is drawn at
+    ((36.5 - 26.67) / 42.67, (20.5 - 10.67) / 42.67) of the square, whatever its size."""
+    image = marked()
+    view = model_crop(image, 32, resize=48, size=size)
+    assert view.size == (size, size) and view.mode == "RGB"
+    expected = ((36.5 - 80 / 3) / (128 / 3) * size, (20.5 - 32 / 3) / (128 / 3) * size)
+    assert centroid(view) == pytest.approx(expected, abs=max(0.75, size / 64))
+    if size == 32:  # the model's own pixels: what preprocess normalises
+        x = preprocess(image, 32, (0, 0, 0), (1, 1, 1), resize=48)
+        assert torch.equal((x[0] * 255).round().to(torch.uint8), TF.pil_to_tensor(view))
+
+
+@pytest.mark.parametrize("side, image_size, resize", [(32, 56, None), (40, 24, None), (40, 24, 30), (32, 32, 36)])
+def test_model_crop_batch_gives_training_the_pixels_preprocess_gives_prediction(side, image_size, resize):
+    """The app's Train tab resizes a uint8 batch (CIFAR's 32 px to a fine-tune's size); each
+    image must be what `preprocess` makes of it: the same filter, antialiasing and crop. A
+    bilinear resize of the tensor (what the app did) differs by up to tens of levels."""
+    batch = torch.from_numpy(np.random.default_rng(side).integers(0, 256, (3, side, side, 3), dtype=np.uint8))
+    out = model_crop_batch(batch.permute(0, 3, 1, 2), image_size, resize=resize)
+    assert out.shape == (3, 3, image_size, image_size) and out.dtype == torch.uint8
+    for i in range(3):
+        x = preprocess(Image.fromarray(batch[i].numpy()), image_size, (0, 0, 0), (1, 1, 1), resize=resize)
+        assert torch.equal(out[i], (x[0] * 255).round().to(torch.uint8)), i
+    bilinear = F.interpolate(batch.permute(0, 3, 1, 2).float(), size=(image_size, image_size), mode="bilinear",
+                             antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    if resize is None:
+        assert (bilinear.int() - out.int()).abs().max() > 10  # why one resize path matters
+
+
+def test_model_crop_batch_keeps_a_batch_already_at_size_and_checks_its_input():
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert model_crop_batch(batch, 8) is batch
+    with pytest.raises(ValueError, match="uint8 batch"):
+        model_crop_batch(batch.float(), 8)
+    with pytest.raises(ValueError, match="resize"):
+        model_crop_batch(batch, 8, resize=4)
+
+
+def test_folder_loader_stores_the_crop_of_the_preprocessing_it_is_given(tmp_path):
+    """A fine-tune from weights whose preprocessing resizes to 36 before cropping 32 must train on
+    that crop, not on the whole image squeezed to 32."""
+    paths = [save(rgb(50, 40, seed=3), tmp_path / "a" / "x.png"), save(rgb(30, 70, seed=4), tmp_path / "b" / "y.png")]
+    data = load_image_folder(tmp_path, image_size=32, resize=36, interpolation="bilinear", progress=False)
+    for i, path in enumerate(paths):
+        x = preprocess(load_image(path), 32, (0, 0, 0), (1, 1, 1), resize=36, interpolation="bilinear")
+        assert torch.equal(data.images[i], (x[0] * 255).round().to(torch.uint8))
+    with pytest.raises(DataError, match="resize"):
+        load_image_folder(tmp_path, image_size=32, resize=16)
+
+
+def test_model_crop_refuses_impossible_sizes():
+    with pytest.raises(ValueError, match=r"resize \(10\) must be at least image_size \(20\)"):
+        model_crop(marked(), 20, resize=10)
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        model_crop(marked(), 20, size=0)
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        model_crop(marked(), 0)
 
 
 # ---------------------------------------------------------------------------------------------

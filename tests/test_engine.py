@@ -129,6 +129,19 @@ def test_freeze_backbone_trains_only_the_head(shapes):
     assert changed == {"head.weight", "head.bias"}
 
 
+def test_cached_features_are_the_class_token_features(shapes):
+    from vitdemo.engine import extract_features
+    from vitdemo.data import normalize
+
+    model = small_model().eval()
+    data = shapes[1].subset(torch.arange(5))
+    cached = extract_features(model, data, PREP["mean"], PREP["std"])
+    with torch.no_grad():
+        tokens = model.forward_features(normalize(data.images, PREP["mean"], PREP["std"]))[0]
+    assert cached.features.shape == (5, 64) and torch.equal(cached.labels, data.labels)
+    torch.testing.assert_close(cached.features, tokens[:, 0], atol=1e-6, rtol=0)  # what the head reads
+
+
 def test_resume_needs_state(tmp_path, shapes):
     with pytest.raises(TrainingError, match="cannot resume"):
         run(small_model(), shapes, RECIPES["small-data"], out_dir=tmp_path, resume=True)
@@ -162,11 +175,36 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_paper_recipe_is_adam_with_table_3_values():
+def one_step_from_4(recipe: Recipe) -> float:
+    """A weight of 4 after one step whose loss gradient is zero: only weight decay moves it."""
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(4.0)
+    optimizer = make_optimizer(layer, recipe)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    optimizer.step()
+    return layer.weight.item()
+
+
+@pytest.mark.parametrize("optimizer, expected", [("adamw", 3.8), ("adam", 3.9), ("sgd", 3.8)])
+def test_each_optimizer_name_applies_weight_decay_its_own_way(optimizer, expected):
+    """lr 0.1, weight decay 0.5. AdamW (Loshchilov and Hutter) decays the weight itself,
+    4 * (1 - 0.1 * 0.5) = 3.8. Adam adds the decay to the gradient (0.5 * 4 = 2), and its first
+    step, normalised by the gradient's own size, moves the weight by lr: 4 - 0.1 = 3.9. SGD adds it
+    to the gradient too, unnormalised: 4 - 0.1 * 2 = 3.8."""
+    recipe = Recipe(optimizer=optimizer, lr=0.1, weight_decay=0.5, momentum=0.9)
+    assert one_step_from_4(recipe) == pytest.approx(expected, abs=1e-6)
+
+
+def test_paper_recipe_is_table_3_with_decoupled_weight_decay():
     r = RECIPES["paper"]
-    assert (r.optimizer, r.betas, r.lr, r.weight_decay, r.grad_clip) == ("adam", (0.9, 0.999), 3e-3, 0.3, 1.0)
-    assert isinstance(make_optimizer(small_model(), r), torch.optim.Adam)
-    assert isinstance(make_optimizer(small_model(), RECIPES["finetune"]), torch.optim.SGD)
+    assert (r.optimizer, r.betas, r.lr, r.weight_decay, r.grad_clip) == ("adamw", (0.9, 0.999), 3e-3, 0.3, 1.0)
+    optimizer = make_optimizer(small_model(), r)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["betas"] == (0.9, 0.999)
+    assert one_step_from_4(r.replace(lr=0.1, weight_decay=0.5)) == pytest.approx(3.8, abs=1e-6)
+    finetune = make_optimizer(small_model(), RECIPES["finetune"])
+    assert type(finetune) is torch.optim.SGD and finetune.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in finetune.param_groups] == [0.0, 0.0]  # the paper fine-tunes without it
 
 
 @pytest.mark.parametrize("bad", [dict(lr=0), dict(epochs=0), dict(batch_size=-1), dict(warmup=1.0),

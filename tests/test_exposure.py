@@ -21,7 +21,8 @@ import torch
 from helpers import STAND_IN_CLASSES, free_port, stand_in_app
 from PIL import Image
 
-from vitdemo import ui
+import vitdemo.app
+from vitdemo.app import common, models, train_tab, training
 from vitdemo.engine import StepEvent, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +47,8 @@ def server_env(tmp_path_factory):
 
 
 def launch(**kwargs) -> tuple[gr.Blocks, str]:
-    demo = ui.build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs, **ui.launch_options())
+    demo = vitdemo.app.build_demo()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs, **vitdemo.app.launch_options())
     return demo, url
 
 
@@ -133,9 +134,9 @@ def listeners(port: int) -> list[str]:
 
 
 def test_launch_options_leave_host_to_the_environment_and_never_share():
-    options = ui.launch_options()
+    options = vitdemo.app.launch_options()
     assert "server_name" not in options and "server_port" not in options  # GRADIO_SERVER_NAME / _PORT decide
-    assert not options.get("share") and options["max_file_size"] == ui.MAX_FILE_SIZE == "20mb"
+    assert not options.get("share") and options["max_file_size"] == common.MAX_FILE_SIZE == "20mb"
     assert options["show_error"] is False  # tracebacks of unexpected errors stay in the server log
 
 
@@ -205,20 +206,20 @@ def test_classify_never_reads_a_server_path(app, server_env):
 @pytest.mark.slow
 def test_training_never_reads_a_server_path(app, server_env, tmp_path):
     secret = class_folder_zip(server_env / "secret" / "data.zip")  # a valid training set on the server
-    runs_before = set(ui.RUNS_ROOT.glob("run-*")) if ui.RUNS_ROOT.exists() else set()
-    models_before = ui.model_choices()
+    runs_before = set(training.RUNS_ROOT.glob("run-*")) if training.RUNS_ROOT.exists() else set()
+    models_before = models.model_choices()
     tiny = {"per_class": 20, "depth": 1, "width": 64, "epochs": 1, "batch_size": 32}
     for payload in [*path_payloads(secret), "/etc/passwd", {"path": "/etc/passwd", "meta": FILE_DATA}]:
-        event, data = call(app, "train", arguments(app, "train", source=ui.SRC_ZIP, zip_file=payload, **tiny))
+        event, data = call(app, "train", arguments(app, "train", source=training.SRC_ZIP, zip_file=payload, **tiny))
         assert event == "error", (payload, event, data)
     # The data source is a choice among fixed sources, never a path either.
     for source in ["/etc", str(secret), str(secret.parent)]:
         event, data = call(app, "train", arguments(app, "train", source=source, **tiny))
         assert event == "error" and ("not in the list of choices" in data or "Unknown data source" in data), data
-    assert ui.model_choices() == models_before
-    assert (set(ui.RUNS_ROOT.glob("run-*")) if ui.RUNS_ROOT.exists() else set()) == runs_before
+    assert models.model_choices() == models_before
+    assert (set(training.RUNS_ROOT.glob("run-*")) if training.RUNS_ROOT.exists() else set()) == runs_before
     # The same zip, uploaded, trains: the calls above differ by the zip's path alone.
-    event, data = call(app, "train", arguments(app, "train", source=ui.SRC_ZIP, zip_file=upload(app, secret), **tiny))
+    event, data = call(app, "train", arguments(app, "train", source=training.SRC_ZIP, zip_file=upload(app, secret), **tiny))
     assert event == "complete" and "Finished" in data, (event, data)
 
     # A model name is a key of the model picker, never a path.
@@ -228,7 +229,7 @@ def test_training_never_reads_a_server_path(app, server_env, tmp_path):
     image = server_env / "upload.png"
     Image.new("RGB", (32, 32), "blue").save(image)
     client = client_for(app, tmp_path)
-    for name in ["/etc/passwd", "../../etc/passwd", str(ui.SHIPPED_CHECKPOINT)]:
+    for name in ["/etc/passwd", "../../etc/passwd", str(models.SHIPPED_CHECKPOINT)]:
         with pytest.raises(AppError, match="Unknown model"):
             client.predict(handle_file(str(image)), name, api_name="/classify")
 
@@ -238,11 +239,11 @@ def test_files_route_serves_no_server_file(app, server_env):
     marker = b"3f1c-not-to-be-served"
     secret = server_env / "secret.txt"
     secret.write_bytes(marker)
-    run_file = ui.RUNS_ROOT / "run-files-route" / "model.safetensors"  # where trained runs live
+    run_file = training.RUNS_ROOT / "run-files-route" / "model.safetensors"  # where trained runs live
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_bytes(marker)
     try:
-        for path in [secret, run_file, Path("/etc/passwd"), ui.SHIPPED_CHECKPOINT, ROOT / "README.md"]:
+        for path in [secret, run_file, Path("/etc/passwd"), models.SHIPPED_CHECKPOINT, ROOT / "README.md"]:
             response = httpx.get(f"{app.rstrip('/')}/gradio_api/file={path}", timeout=60)
             assert response.status_code == 403, (path, response.status_code)
             assert marker not in response.content and b"root:" not in response.content
@@ -291,12 +292,12 @@ def test_failed_run_leaves_no_folder(server_env, monkeypatch):
         yield StepEvent(1, 1, 10, 1.0, 0.5, 1e-3, 100.0, 1.0)
         raise TrainingError("the loss became nan at step 2")
 
-    monkeypatch.setattr(ui, "engine_train", failing)
-    before = set(ui.RUNS_ROOT.glob("run-*")) if ui.RUNS_ROOT.exists() else set()
+    monkeypatch.setattr(training, "engine_train", failing)
+    before = set(training.RUNS_ROOT.glob("run-*")) if training.RUNS_ROOT.exists() else set()
     with pytest.raises(gr.Error, match="loss became nan"):
-        for _ in ui.train_run(ui.SRC_SYNTHETIC, None, per_class=24, depth=1, width=64, epochs=1, batch_size=32):
+        for _ in train_tab.train_run(training.SRC_SYNTHETIC, None, per_class=24, depth=1, width=64, epochs=1, batch_size=32):
             pass
-    assert set(ui.RUNS_ROOT.glob("run-*")) == before
+    assert set(training.RUNS_ROOT.glob("run-*")) == before
 
 
 @pytest.mark.slow
@@ -308,10 +309,10 @@ def test_zip_training_and_classify_leave_no_temporary_files(server_env, tmp_path
     uploads = Path(os.environ["GRADIO_TEMP_DIR"])
     demo, url = launch(server_name="127.0.0.1", server_port=free_port())
     try:
-        assert demo.delete_cache == ui.DELETE_CACHE
+        assert demo.delete_cache == common.DELETE_CACHE
         client = client_for(url, tmp_path)
         data = class_folder_zip(tmp_path / "upload" / "shapes.zip")
-        result = client.predict(ui.SRC_ZIP, handle_file(str(data)), 20, 1, 64, 1, 1e-3, 32, False, False, ui.SHIPPED,
+        result = client.predict(training.SRC_ZIP, handle_file(str(data)), 20, 8, 1, 64, 1, 1e-3, 32, False, False, models.SHIPPED,
                                 api_name="/train")
         assert "Finished" in result[2], result[2]
         name = result[3]["value"]
@@ -325,9 +326,9 @@ def test_zip_training_and_classify_leave_no_temporary_files(server_env, tmp_path
         # The zip was unpacked into a temporary folder, deleted once read.
         assert list(tmp.glob("vitdemo-zip-*")) == []
         # The app keeps one folder per trained run it offers in the picker, and nothing else.
-        offered = {ui.MODELS.cached(n).checkpoint.parent for n in ui.model_choices() if n.startswith("Run ")}
-        assert set(ui.RUNS_ROOT.glob("run-*")) == offered
-        assert {p.name for p in ui.APP_DIR.iterdir()} == {"examples", "runs"}
+        offered = {models.MODELS.cached(n).checkpoint.parent for n in models.model_choices() if n.startswith("Run ")}
+        assert set(training.RUNS_ROOT.glob("run-*")) == offered
+        assert {p.name for p in common.APP_DIR.iterdir()} == {"examples", "runs"}
         # Gradio holds the uploads (the zip, each image once) and deletes them on its schedule.
         uploaded = {p for p in uploads.rglob("*") if p.is_file() and p.name in {"shapes.zip"} | {i.name for i in images}}
         assert sorted(p.name for p in uploaded) == sorted(["shapes.zip"] + [i.name for i in images])

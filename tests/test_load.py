@@ -22,12 +22,13 @@ import torch
 from helpers import STAND_IN_CLASSES, free_port, rss_bytes, stand_in_app
 
 import vitdemo
-from vitdemo import ui
+import vitdemo.app
+from vitdemo.app import examples, models, train_tab, training
 
 CLIENTS = 8
 WARMUP_PER_CLIENT = 3
 REQUESTS_PER_CLIENT = 25  # 200 in all
-TRAIN = {"per_class": 500, "depth": 4, "width": 128, "epochs": 20, "lr": 1e-3, "batch_size": 32}  # 1,000 steps
+TRAIN = {"per_class": 500, "patch": 4, "depth": 4, "width": 128, "epochs": 20, "lr": 1e-3, "batch_size": 32}  # 1,000 steps
 
 # Resident memory may grow by at most this much from the end of the warm-up to any moment of the
 # load (sampled every 0.25 s, and at its end). Everything allocated once is in place after the
@@ -38,7 +39,7 @@ TRAIN = {"per_class": 500, "depth": 4, "width": 128, "epochs": 20, "lr": 1e-3, "
 #   750 KB per request up fails the test on its own;
 # - the allocator's slack: training steps hop between Gradio's worker threads, between the
 #   requests' allocations, and glibc keeps the freed activations in fragmented heaps. Without
-#   vitdemo.ui.release_memory the server grew by 60-200 MB within this test's load (and from 1.2 to
+#   vitdemo.training.release_memory the server grew by 60-200 MB within this test's load (and from 1.2 to
 #   2.1 GB in two minutes of it); with it, by 12-38 MB in 6 runs.
 # 150 MB is four times the largest growth measured, and below what the slack alone reached.
 MAX_RSS_GROWTH = 150 * 1024**2
@@ -56,10 +57,10 @@ def server(tmp_path):
 
 @pytest.fixture
 def app(server):
-    demo = ui.build_demo()
+    demo = vitdemo.app.build_demo()
     try:
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                quiet=True, **ui.launch_options())
+                                quiet=True, **vitdemo.app.launch_options())
         yield url
     finally:
         demo.close()
@@ -71,15 +72,15 @@ def _client(url, tmp_path):
     return Client(url, analytics_enabled=False, verbose=False, download_files=str(tmp_path / "downloads"))
 
 
-def _running() -> list[ui.Run]:
-    return [r for r in list(ui._ACTIVE.values()) if not r.finished.is_set()]
+def _running() -> list[training.Run]:
+    return [r for runs in list(train_tab._ACTIVE.values()) for r in runs if not r.finished.is_set()]
 
 
 def test_training_hands_free_memory_back(server):
     calls = []
-    server.setattr(ui, "release_memory", lambda: calls.append(1))
-    server.setattr(ui, "TRIM_SECONDS", 0.0)
-    outputs = list(ui.train_run(ui.SRC_SYNTHETIC, None, per_class=24, depth=1, width=64, epochs=2, batch_size=32))
+    server.setattr(training, "release_memory", lambda: calls.append(1))
+    server.setattr(training, "TRIM_SECONDS", 0.0)
+    outputs = list(train_tab.train_run(training.SRC_SYNTHETIC, None, per_class=24, depth=1, width=64, epochs=2, batch_size=32))
     assert "Finished" in outputs[-1][2]
     assert len(calls) >= 2  # at every training event, when the interval allows
 
@@ -91,11 +92,11 @@ def test_classify_under_load_while_training(app, tmp_path):
 
     wall_start = time.perf_counter()
     rss_start = rss_bytes()
-    images = [handle_file(str(p)) for p in ui.draw_examples(tmp_path / "examples")]  # 128 px PNGs, one 16-bit
+    images = [handle_file(str(p)) for p in examples.draw_examples(tmp_path / "examples")]  # 128 px PNGs, one 16-bit
 
     # A training run, in the background through Gradio's queue, as the Start button does.
     trainer = _client(app, tmp_path)
-    job = trainer.submit(ui.SRC_SYNTHETIC, None, *TRAIN.values(), False, False, ui.SHIPPED, api_name="/train")
+    job = trainer.submit(training.SRC_SYNTHETIC, None, *TRAIN.values(), False, False, models.SHIPPED, api_name="/train")
     deadline = time.monotonic() + 120
     while not any(len(out[0]["data"]) for out in job.outputs()) and time.monotonic() < deadline:
         assert not job.done(), job.exception()
@@ -158,11 +159,11 @@ def test_classify_under_load_while_training(app, tmp_path):
         assert sum(c["confidence"] for c in outcome["confidences"]) == pytest.approx(1.0, abs=1e-4)
 
     # Stop, as the Stop button does: the run ends between two steps and becomes a model.
-    before = set(ui.model_choices())
+    before = set(models.model_choices())
     job.cancel()
     assert run.finished.wait(60), "the run did not stop"
     assert "Stopped" in run.message, run.message
-    (name,) = set(ui.model_choices()) - before
+    (name,) = set(models.model_choices()) - before
     assert name == run.name and name.endswith("(stopped)")
     stopped_at = run.steps
     time.sleep(1.0)

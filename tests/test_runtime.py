@@ -96,27 +96,77 @@ def test_int8_agrees_with_eager(model, exported):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
 
 
-def test_stale_export_is_refused_and_prepare_exports_again(model, images, exported, tmp_path):
+def test_stale_export_is_refused_and_never_overwritten(model, exported, tmp_path):
+    """A file the user named is never replaced, even when it is of other weights: `prepare`
+    refuses it with a message that says what to do, and the file keeps every byte."""
     path = tmp_path / "m.onnx"
     path.write_bytes(exported["fp32"].read_bytes())
+    before = path.read_bytes()
     other = vitdemo.create_model("vit_cifar_4", num_classes=10, depth=2, embed_dim=64, num_heads=2, mlp_dim=128).eval()
     with pytest.raises(ValueError, match="not exported from these weights"):
         runtime.load_onnx(path, other)
-    runner = runtime.prepare(other, "onnx", onnx_path=path)  # re-exported in place
-    with torch.inference_mode():
-        torch.testing.assert_close(runner(images), other(images), atol=1e-4, rtol=1e-4)
-    assert runtime.load_onnx(path, other).metadata[runtime.SOURCE_KEY] == runtime.weights_digest(other)
+    with pytest.raises(ValueError, match=r"m\.onnx was not exported from these weights.*left as it is"):
+        runtime.prepare(other, "onnx", onnx_path=path)
+    assert path.read_bytes() == before
 
 
-def test_prepare_reuses_a_matching_export(model, exported, tmp_path):
+@pytest.mark.parametrize("asked, held", [("onnx", "int8"), ("int8", "fp32")])
+def test_an_export_of_the_other_precision_is_refused_and_never_overwritten(model, exported, tmp_path, asked, held):
+    """The reported bug: `--runtime onnx --onnx model.int8.onnx` replaced the int8 file with an
+    fp32 export under the same name."""
+    path = tmp_path / f"m.{held}.onnx"
+    path.write_bytes(exported[held].read_bytes())
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=f"holds {held} weights, not {'fp32' if asked == 'onnx' else 'int8'}"):
+        runtime.prepare(model, asked, onnx_path=path)
+    assert path.read_bytes() == before
+    assert runtime.load_onnx(path, model).metadata["vitdemo.precision"] == held
+
+
+def test_load_onnx_checks_the_precision_asked_for(model, exported):
+    assert runtime.load_onnx(exported["int8"], model, precision="int8").metadata["vitdemo.precision"] == "int8"
+    with pytest.raises(ValueError, match="m.fp32.onnx holds fp32 weights, not int8"):
+        runtime.load_onnx(exported["fp32"], model, precision="int8")
+    with pytest.raises(ValueError, match="precision must be"):
+        runtime.load_onnx(exported["fp32"], model, precision="fp16")
+
+
+def test_prepare_reuses_a_matching_export_and_writes_a_new_one(model, images, exported, tmp_path):
     path = tmp_path / "m.int8.onnx"
     path.write_bytes(exported["int8"].read_bytes())
     before = path.stat().st_mtime_ns
     runtime.prepare(model, "int8", onnx_path=path)
     assert path.stat().st_mtime_ns == before
-    # An fp32 request does not take the int8 file for itself.
-    runtime.prepare(model, "onnx", onnx_path=path)
-    assert runtime.load_onnx(path, model).metadata["vitdemo.precision"] == "fp32"
+    fresh = tmp_path / "new" / "m.onnx"  # a name that is not taken: exported there
+    runner = runtime.prepare(model, "onnx", onnx_path=fresh)
+    assert runtime.load_onnx(fresh, model, precision="fp32") is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(images), model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_export_without_overwrite_refuses_an_existing_file(model, tmp_path):
+    path = tmp_path / "taken.onnx"
+    path.write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError, match="taken.onnx already exists"):
+        runtime.export_onnx(model, path, overwrite=False)
+    assert path.read_bytes() == b"the user's own file"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.onnx"]  # no temporary file left
+
+
+def test_cli_refuses_to_overwrite_an_int8_export_given_to_the_fp32_runtime(model, exported, tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "run" / "model.safetensors", model, [f"c{i}" for i in range(10)],
+                           preprocessing(32, (0.5,) * 3, (0.5,) * 3))
+    onnx = tmp_path / "run" / "model.int8.onnx"
+    onnx.write_bytes(exported["int8"].read_bytes())
+    before = onnx.read_bytes()
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(ckpt), "--runtime", "onnx", "--onnx", str(onnx)]) == 2
+    err = capsys.readouterr().err
+    assert "model.int8.onnx holds int8 weights, not fp32" in err and "Traceback" not in err
+    assert onnx.read_bytes() == before
 
 
 def test_cli_export_onnx_and_predict_with_each_runtime(model, tmp_path, capsys):
@@ -143,3 +193,11 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     model = vitdemo.create_model("vit_cifar_4", num_classes=3, depth=1, embed_dim=32, num_heads=2, mlp_dim=64).train()
     runtime.export_onnx(model, tmp_path / "m.onnx")
     assert model.training  # exported in eval mode, handed back in training mode
+
+
+def test_a_file_that_is_not_onnx_is_refused_clearly_and_kept(model, tmp_path):
+    path = tmp_path / "photo.onnx"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not a model")
+    with pytest.raises(ValueError, match=r"photo\.onnx is not an ONNX model that ONNX Runtime can load"):
+        runtime.prepare(model, "int8", onnx_path=path)
+    assert path.read_bytes() == b"\x89PNG\r\n\x1a\n not a model"

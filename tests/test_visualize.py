@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import vitdemo
@@ -156,10 +157,20 @@ def test_attention_distance_neighbour():
     assert d.item() == pytest.approx(P * 12 / 16)
 
 
-def test_position_similarity_diagonal_is_one_and_symmetric():
+def test_position_similarity_is_the_cosine_of_each_pair_of_patch_positions():
+    """Entry (r1, c1, r2, c2) compares patch (r1, c1), token 1 + r1 * grid_w + c1 (token 0 is
+    the class token), with patch (r2, c2). A unit diagonal and symmetry alone would let an
+    off-by-one (the class token's embedding kept, the last patch's dropped) or a transposed grid
+    pass; the values, on a 4 x 6 grid, do not."""
     model = vitdemo.create_model("vit_s_16", depth=1, image_size=(64, 96))
     sim = V.position_embedding_similarity(model)
     assert sim.shape == (4, 6, 4, 6)
+    pos = model.pos_embed[0].detach()
+    for r1, c1, r2, c2 in [(0, 0, 0, 1), (1, 2, 3, 5), (3, 5, 0, 0), (2, 0, 1, 4)]:
+        expected = F.cosine_similarity(pos[1 + r1 * 6 + c1], pos[1 + r2 * 6 + c2], dim=0).item()
+        assert sim[r1, c1, r2, c2].item() == pytest.approx(expected, abs=1e-6)
+    by_hand = F.cosine_similarity(pos[1:, None], pos[None, 1:], dim=-1).reshape(4, 6, 4, 6)
+    torch.testing.assert_close(sim, by_hand, atol=1e-6, rtol=0)
     flat = sim.reshape(24, 24)
     assert torch.allclose(flat.diag(), torch.ones(24), atol=1e-5)
     assert torch.allclose(flat, flat.T, atol=1e-6)
@@ -214,3 +225,84 @@ def test_patch_embedding_components():
     else:
         raise AssertionError("first component is not the direction of largest variance")
     V.plot_patch_embedding_components(comps)
+
+
+# ---------------------------------------------------------------------------------------------
+# One crop for the model and its pictures (a checkpoint whose resize exceeds its image_size,
+# as fine-tunes from torchvision or timm weights have: 256 or 248 for 224)
+# ---------------------------------------------------------------------------------------------
+
+
+def marked(w=96, h=64, box=(33, 17, 40, 24)):
+    """Dark grey with one white rectangle (left, top, right, bottom)."""
+    a = np.full((h, w, 3), 40, np.uint8)
+    a[box[1]:box[3], box[0]:box[2]] = 255
+    return Image.fromarray(a)
+
+
+def brightest_patch(image, image_size=32, resize=64, patch=8):
+    """The (row, col) of the patch the model reads as brightest, from its own input tensor."""
+    from vitdemo.data import preprocess
+
+    x = preprocess(image, image_size, (0, 0, 0), (1, 1, 1), resize=resize)[0].mean(0)
+    g = image_size // patch
+    per_patch = x.reshape(g, patch, g, patch).mean((1, 3))
+    return divmod(int(per_patch.argmax()), g), per_patch
+
+
+def test_overlay_puts_a_hot_patch_on_the_pixels_that_made_it():
+    """Image 96 x 64, model image_size 32, resize 64, patch 8: the model reads the centre
+    columns 32-63, rows 16-47, and the white box (33-39, 17-23) falls in its patch (0, 0). A map
+    hot at that patch, drawn at 128 px, must be hot over the box as drawn there (4-31 px):
+    pictures that ignore `resize` (the centre 64 x 64 square) put the box at 34-47 px instead."""
+    image = marked()
+    (r, c), per_patch = brightest_patch(image)
+    assert (r, c) == (0, 0)
+    mask = (per_patch == per_patch.max()).float()
+    crop = dict(image_size=32, resize=64)
+    heat = np.asarray(V.overlay(image, mask, alpha=1.0, cmap="gray", size=128, **crop))[..., 0].astype(float)
+    picture = np.asarray(V.overlay(image, mask, alpha=0.0, size=128, **crop))[..., 0]
+    ys, xs = np.nonzero(picture > 200)  # the box, where the overlay draws it
+    assert (xs.mean(), ys.mean()) == pytest.approx((18, 18), abs=0.6)
+    cells = heat.reshape(4, 32, 4, 32).mean((1, 3))  # the heat on the model's 4 x 4 grid
+    assert np.unravel_index(cells.argmax(), cells.shape) == (int(ys.mean()) // 32, int(xs.mean()) // 32) == (0, 0)
+    assert heat[picture > 200].mean() > 0.6 * 255  # the box is under the hot part of the map
+
+
+def test_patch_grid_draws_the_pixels_the_model_reads_in_each_patch():
+    image = marked()
+    (r, c), _ = brightest_patch(image)
+    grid, strip = V.patch_grid(image, 8, image_size=32, resize=64, per_row=16, gap=0)
+    assert grid.size == (256, 256)  # 32 px drawn 8x larger
+    assert grid.getpixel((36, 36)) == (255, 255, 255)  # the box's centre (36.5 - 32, 20.5 - 16) x 8
+    tiles = np.asarray(strip)[..., 0].reshape(64, 16, 64)  # one row of 16 tiles of 64 px (8 px patches, 8x)
+    white = [k for k in range(16) if (tiles[:, k] > 200).any()]
+    assert white == [r * 4 + c] == [0]
+
+
+def test_explain_draws_its_maps_over_the_crop_the_model_saw(tmp_path, monkeypatch):
+    """`python -m vitdemo explain` with a checkpoint of resize 64 > image_size 32."""
+    from vitdemo.checkpoint import preprocessing, save_checkpoint
+    from vitdemo.cli import main
+
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_cifar_4", num_classes=2, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                                 mlp_dim=64)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, ["a", "b"],
+                           preprocessing(32, (0.5,) * 3, (0.5,) * 3, resize=64))
+    marked().save(tmp_path / "in.png")
+    (r, c), _ = brightest_patch(marked())
+    hot = torch.zeros(1, 4, 4)
+    hot[0, r, c] = 1.0  # maps hot where the model read the box, whatever this random model attends to
+    monkeypatch.setattr(V, "attention_rollout", lambda *args, **kwargs: hot)
+    monkeypatch.setattr(V, "gradient_rollout", lambda *args, **kwargs: hot)
+    assert main(["explain", str(tmp_path / "in.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "v")]) == 0
+    with Image.open(tmp_path / "v" / "patches.png") as grid:
+        assert grid.size == (256, 256) and grid.getpixel((36, 36)) == (255, 255, 255)
+    for name in ("rollout.png", "gradient_rollout.png"):
+        with Image.open(tmp_path / "v" / name) as im:
+            assert im.size == (256, 256)
+            # Inside the box (drawn at 8-55 px) and in the flat-hot corner of the upsampled map
+            # (0-31 px): a white picture under the map's hottest colour, every channel high. A
+            # picture of another crop has its grey background (40) here: red 146 at most.
+            assert min(im.convert("RGB").getpixel((20, 20))) > 180, name

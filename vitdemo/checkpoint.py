@@ -36,14 +36,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not describe its weights."""
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None], *, overwrite: bool = True) -> Path:
     """Call `write(tmp_path)`, then move the finished file to `path` in one rename.
 
     The temporary file lives in the same directory (a rename across file systems is not
     atomic). Errors such as a full disk or a read-only directory surface as `OSError` with the
-    path named, and leave whatever was at `path` before untouched.
+    path named, and leave whatever was at `path` before untouched. With `overwrite=False` an
+    existing `path` is never replaced, even one created while `write` ran: `FileExistsError`.
     """
     path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path.name} already exists and is left as it is")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,13 +58,34 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint is an ordinary file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except FileExistsError:
+        Path(tmp).unlink(missing_ok=True)
+        raise FileExistsError(f"{path.name} already exists and is left as it is") from None
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise OSError(f"cannot write {path}: {err.strerror or err}") from err
         raise
     return path
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished file `tmp` the name `path` only if no file has it: a hard link fails
+    on an existing name in one step, where checking first and renaming after could race."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _umask() -> int:
@@ -137,10 +161,47 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         metadata = json.loads(header["vitdemo"])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} has corrupt metadata: {err}") from err
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} has corrupt metadata: not a JSON object")
+    _check_format(path, metadata)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
-    if not isinstance(metadata, dict) or missing:
+    if missing:
         raise CheckpointError(f"{path} metadata lacks {missing}")
     return metadata
+
+
+def _check_format(path: Path, metadata: dict[str, Any]) -> None:
+    """Refuse metadata of another format, or of a newer version of this one, whose fields this
+    code could misread; every older version is read as it is (there is only version 1 so far)."""
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a vitdemo checkpoint (format {metadata.get('format')!r}, "
+                              f"expected {FORMAT!r})")
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path} has an invalid checkpoint format version: {version!r}")
+    if version > FORMAT_VERSION:
+        from . import __version__
+
+        raise CheckpointError(f"{path} was written by a newer vitdemo ({metadata.get('vitdemo_version', 'unknown')}, "
+                              f"checkpoint format {version}); this vitdemo ({__version__}) reads format "
+                              f"{FORMAT_VERSION}: update vitdemo to load it")
+
+
+def update_metadata(path: str | Path, **changes: Any) -> Path:
+    """Merge `changes` into a checkpoint's metadata and rewrite it atomically. The weights are
+    copied as they are, bit for bit, so files tied to their digest (an ONNX export) stay valid."""
+    from safetensors import safe_open
+
+    path = _resolve(path)
+    metadata = read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+    header["vitdemo"] = json.dumps({**metadata, **changes})
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_checkpoint(

@@ -1,4 +1,4 @@
-"""Command line: `python -m vitdemo train | evaluate | predict | explain | export`.
+"""Command line: `python -m vitdemo train | evaluate | predict | explain | export | fit-ood`.
 
     python -m vitdemo train --data synthetic --preset vit_cifar_4 --epochs 5 --out runs/shapes
     python -m vitdemo train --data ~/.cache/vitdemo/cifar10/train --preset vit_cifar_4 --out runs/cifar
@@ -7,9 +7,11 @@
     python -m vitdemo explain photo.jpg --checkpoint runs/cifar --out views/
     python -m vitdemo export --checkpoint runs/cifar --out model.pt2
     python -m vitdemo export --checkpoint runs/cifar --out model.int8.onnx --int8
+    python -m vitdemo fit-ood --checkpoint runs/cifar --data ~/.cache/vitdemo/cifar10/train
     torchrun --nproc_per_node=2 -m vitdemo train ...      # DistributedDataParallel
 
-`python -m vitdemo COMMAND --help` explains every option.
+`python -m vitdemo COMMAND --help` explains every option. Installed (`pip install -e .`), the
+`vitdemo` command is the same: `vitdemo train ...`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from .data import (
     stratified_split,
     synthetic_shapes,
 )
+from . import cli_support as support
 from .engine import RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
-from .runtime import RUNTIMES, RuntimeUnavailable, export_onnx, load_onnx, prepare
+from .pretrained import PretrainedUnavailable
+from .runtime import RUNTIMES, RuntimeUnavailable, export_onnx, load_onnx
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -60,7 +64,11 @@ def load_data(source: str, image_size: int, data_root: str | None = None, downlo
     if source == "synthetic":
         return synthetic_shapes(image_size=image_size, seed=seed), HALF, HALF
     if source == "cifar10":
-        return load_cifar10(data_root or "data", train=True, download=download), CIFAR_MEAN, CIFAR_STD
+        root = data_root or "data"
+        try:
+            return load_cifar10(root, train=True, download=download), CIFAR_MEAN, CIFAR_STD
+        except DataError as err:  # the library's message names its Python arguments; say the options
+            raise DataError(support.cifar10_unavailable(root, download, err.__cause__)) from None
     path = Path(source).expanduser()
     if path.suffix.lower() == ".zip":
         data = load_zip(path, image_size=image_size, max_images_per_class=max_images_per_class)
@@ -137,7 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_from in ("torchvision", "timm"):
         from .pretrained import load_pretrained
 
-        init_model, init_meta = load_pretrained(args.init_from)
+        try:
+            init_model, init_meta = load_pretrained(args.init_from)
+        except PretrainedUnavailable as err:
+            raise PretrainedUnavailable(support.pretrained_unavailable(args.init_from, err.reason)) from None
     elif args.init_from and not args.init_source:
         init_model, init_meta = load_checkpoint(args.init_from)
     image_size = args.image_size or (init_meta["image_size"] if init_meta else get_config(args.preset).image_size[0])
@@ -221,7 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.limit:
         val = stratified_sample(val, args.limit)
     device = select_device(args.device)
-    runner = model if args.runtime == "eager" else prepare(model, args.runtime, onnx_path=args.onnx)
+    runner = support.runner(model, args.runtime, args.onnx, args.checkpoint)
     loss, acc, preds = evaluate(runner, val, meta["mean"], meta["std"], device=device if args.runtime == "eager" else "cpu")
     agreement = None
     if args.runtime != "eager":  # how often the faster runtime picks the same class as PyTorch fp32
@@ -253,7 +264,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.checkpoint)
-    model = prepare(model, args.runtime, onnx_path=args.onnx)
+    model = support.runner(model, args.runtime, args.onnx, args.checkpoint)
     for path in args.images:
         x = preprocess(load_image(path), meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
                        interpolation=meta.get("interpolation", "bicubic"))
@@ -294,22 +305,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     size, patch = meta["image_size"], model.config.patch_size
     image = load_image(args.image)
-    x = preprocess(image, size, meta["mean"], meta["std"], resize=meta.get("resize"),
-                   interpolation=meta.get("interpolation", "bicubic"))
+    # One crop for the model and every picture of it: the checkpoint's own resize and filter.
+    crop = {"image_size": size, "resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
+    x = preprocess(image, size, meta["mean"], meta["std"], resize=crop["resize"], interpolation=crop["interpolation"])
     with torch.no_grad():
         logits, attentions = model(x, return_attention=True)
     label = meta["class_names"][logits.argmax(-1).item()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid, strip = V.patch_grid(image, patch, image_size=size)
+    grid, strip = V.patch_grid(image, patch, **crop)
     shown = grid.size[0]  # the model's view, enlarged for small images
     views = {
         "patches.png": grid,
         "patch_sequence.png": strip,
         "position_similarity.png": V.plot_position_embedding_similarity(V.position_embedding_similarity(model)),
         "rollout.png": V.overlay(image, V.attention_rollout(attentions, args.head_fusion, args.discard_ratio)[0],
-                                 size=shown),
-        "gradient_rollout.png": V.overlay(image, V.gradient_rollout(model, x)[0], size=shown),
+                                 size=shown, **crop),
+        "gradient_rollout.png": V.overlay(image, V.gradient_rollout(model, x)[0], size=shown, **crop),
         "attention_distance.png": V.plot_mean_attention_distance(V.mean_attention_distance(attentions, patch), size),
         "embedding_filters.png": V.plot_patch_embedding_components(V.patch_embedding_components(model)),
     }
@@ -326,9 +338,45 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def cmd_fit_ood(args: argparse.Namespace) -> int:
+    """Fit out-of-distribution statistics (vitdemo.ood) for an existing checkpoint, on the split
+    it was trained with, and write them into its metadata; the weights stay as they are."""
+    from . import ood
+    from .checkpoint import update_metadata
+
+    model, meta = load_checkpoint(args.checkpoint)
+    chosen = {}
+    for name in ("val_size", "split_seed"):
+        given, recorded = getattr(args, name), meta.get(name)
+        option = "--" + name.replace("_", "-")
+        if given is not None and recorded is not None and float(given) != float(recorded):
+            # Held-out images of another split would include images the model was trained on.
+            raise ValueError(f"{option} {given:g} is not the split the model was trained with ({recorded:g}); "
+                             f"leave {option} out to use the recorded one")
+        chosen[name] = given if given is not None else recorded
+        if chosen[name] is None:
+            raise ValueError(f"the checkpoint does not record its validation split: give {option} as it was "
+                             f"trained (the held-out images must be images it was not trained on)")
+    if not chosen["val_size"]:
+        raise ValueError("the model was trained without held-out images (val_size 0): the threshold needs "
+                         "images it was not trained on")
+    data, _, _ = load_data(args.data, meta["image_size"], args.data_root, args.download, seed=meta.get("seed", 0))
+    if list(data.class_names) != list(meta["class_names"]):
+        raise DataError(f"the data's classes {data.class_names} are not the model's {meta['class_names']}")
+    train_data, val_data = split(data, chosen["val_size"], int(chosen["split_seed"]))
+    model.to(select_device(args.device))
+    stats = ood.fit(model, train_data, val_data, meta, false_alarm_rate=args.false_alarm_rate)
+    path = update_metadata(args.checkpoint, ood=stats)
+    calibration = stats["calibration"]
+    print(f"fitted on {calibration['train_images']} training images; threshold {stats['threshold']:.4f} flags "
+          f"{calibration['held_out_flagged']:.2%} of the {calibration['held_out_images']} held-out images "
+          f"(goal: at most {args.false_alarm_rate:.0%}); saved in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vitdemo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # support.Parser: every command's --help shows its defaults (sub-commands inherit its formatter).
+    parser = support.Parser(prog=support.program_name(), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_options(p: argparse.ArgumentParser) -> None:
@@ -346,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runtime", default="eager", choices=RUNTIMES,
                        help="eager (PyTorch fp32, default), packed (PyTorch fp32, prepacked weights), onnx "
                             "(ONNX Runtime fp32) or int8 (ONNX Runtime, int8 weights); see vitdemo/runtime.py")
-        p.add_argument("--onnx", help="onnx/int8: an exported file to reuse (re-exported if it is from other weights)")
+        p.add_argument("--onnx", help="onnx/int8: an exported file to use (refused if it is of other weights or the "
+                                      "other precision, never overwritten), or a new file name to export to")
 
     t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune a ViT.")
     data_options(t)
@@ -364,12 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--freeze-backbone", action="store_true", help="train only the head (features cached once)")
     t.add_argument("--recipe", default="small-data", choices=list(RECIPES),
                    help="optimisation recipe (default small-data); the options below override its values")
-    t.add_argument("--epochs", type=int, help="passes over the training set")
-    t.add_argument("--batch-size", type=int, help="images per optimiser step (per process under torchrun)")
-    t.add_argument("--lr", type=float, help="peak learning rate, reached after warm-up")
-    t.add_argument("--weight-decay", type=float, help="decoupled weight decay on weight matrices")
-    t.add_argument("--warmup", type=float, help="fraction of steps spent warming up")
-    t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy loss")
+    t.add_argument("--epochs", type=int, help=f"passes over the training set ({support.recipe_default('epochs')})")
+    t.add_argument("--batch-size", type=int, help="images per optimiser step (per process under torchrun; "
+                                                  f"{support.recipe_default('batch_size')})")
+    t.add_argument("--lr", type=float, help="peak learning rate, reached after warm-up "
+                                            f"({support.recipe_default('lr')})")
+    t.add_argument("--weight-decay", type=float, help="decoupled weight decay on weight matrices "
+                                                      f"({support.recipe_default('weight_decay')})")
+    t.add_argument("--warmup", type=float, help=f"fraction of steps spent warming up "
+                                                f"({support.recipe_default('warmup')})")
+    t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy loss "
+                                                         f"({support.recipe_default('label_smoothing')})")
     t.add_argument("--randaugment", action="store_true", help="add RandAugment (pays only on long schedules)")
     t.add_argument("--max-images-per-class", type=int, help="use at most this many images of each class")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
@@ -377,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint",
+                       description="Accuracy, per-class accuracy and confusion matrix of a checkpoint on the held-out "
+                                   "part of a data set (give --val-size and --split-seed as in training).")
     e.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     data_options(e)
     e.add_argument("--limit", type=int, help="evaluate only N validation images, each class in proportion (seed 0)")
@@ -386,14 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  "history) curves.png")
     e.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify images")
+    p = sub.add_parser("predict", help="classify images",
+                       description="Print the most likely classes of each image, with their probabilities.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
-    p.add_argument("--topk", type=int, default=5, help="how many classes to print (default 5)")
+    p.add_argument("--topk", type=support.positive_int, default=5,
+                   help="how many classes to print, at least 1 (default 5; at most the model's classes are shown)")
     runtime_options(p)
     p.set_defaults(func=cmd_predict)
 
-    v = sub.add_parser("explain", help="write every visualisation of one image as PNG files")
+    v = sub.add_parser("explain", help="write every visualisation of one image as PNG files",
+                       description="Write every view of how the model sees one image as PNG files: patch grid, "
+                                   "position embeddings, attention rollout, per-head attention, attention distance.")
     v.add_argument("image", help="an image file")
     v.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     v.add_argument("--out", required=True, help="output directory")
@@ -401,19 +461,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: share of weakest attention dropped")
     v.set_defaults(func=cmd_explain)
 
-    x = sub.add_parser("export", help="export a checkpoint as a torch.export program (.pt2) or ONNX (.onnx)")
+    x = sub.add_parser("export", help="export a checkpoint as a torch.export program (.pt2) or ONNX (.onnx)",
+                       description="Export a checkpoint as a torch.export program (.pt2) or an ONNX file (.onnx, "
+                                   "fp32 or int8 weights), and print its largest difference to the eager model.")
     x.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     x.add_argument("--out", required=True, help="output file: model.pt2 (torch.export) or model.onnx (ONNX)")
     x.add_argument("--int8", action="store_true", help="ONNX only: int8 weights (ONNX Runtime dynamic quantisation)")
     x.set_defaults(func=cmd_export)
+
+    o = sub.add_parser("fit-ood", help="fit a checkpoint's out-of-distribution score (vitdemo.ood) and store it "
+                                       "in its metadata")
+    o.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (rewritten in place; "
+                                                      "the weights are kept bit for bit)")
+    o.add_argument("--data", required=True, help="the data the model was trained on: 'synthetic', 'cifar10', a "
+                                                "directory of class folders, or a .zip of them")
+    o.add_argument("--data-root", default="data", help="where torchvision's CIFAR-10 lives (default: data)")
+    o.add_argument("--download", action="store_true", help="download CIFAR-10 if missing (needs internet)")
+    o.add_argument("--val-size", type=float, help="the validation split the model was trained with (default: "
+                                                  "the one recorded in the checkpoint; another one is refused)")
+    o.add_argument("--split-seed", type=int, help="seed of that split (default: the recorded one)")
+    o.add_argument("--false-alarm-rate", type=float, default=0.05,
+                   help="share of held-out images allowed above the threshold (default 0.05)")
+    o.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    o.set_defaults(func=cmd_fit_ood)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        support.check_device(getattr(args, "device", None))  # before any data are loaded
+        if "checkpoint" in vars(args):
+            support.check_default_checkpoint(args.checkpoint)
         return args.func(args)
-    except (DataError, CheckpointError, TrainingError, RuntimeUnavailable, ValueError, OSError) as err:
+    except (DataError, CheckpointError, TrainingError, RuntimeUnavailable, PretrainedUnavailable, ValueError,
+            OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

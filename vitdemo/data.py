@@ -15,11 +15,14 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import stat
+import struct
 import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -111,27 +114,134 @@ def _check_bomb(image: Image.Image) -> None:
                         f"refused as a possible decompression bomb (limit: Image.MAX_IMAGE_PIXELS = {limit:,})")
 
 
-def _open_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
-    """Decode one image fully (so truncated files fail here), upright and RGB."""
-    with Image.open(source) as image:
+# What Pillow raises when a file's bytes are not a sound image: its decoders' OSError without an
+# errno ("broken data stream", "image file is truncated"; UnidentifiedImageError is one too), and
+# from the format plugins that parse headers SyntaxError, ValueError, EOFError, struct.error,
+# zlib.error, and even IndexError, KeyError or TypeError (a corrupted QOI file raised IndexError
+# in a fuzz run of every format Pillow writes).
+_PILLOW_DATA_ERRORS = (SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
+                       struct.error, zlib.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def is_bad_image_error(exc: BaseException) -> bool:
+    """Whether `exc`, raised by Pillow while it opened or decoded an image, blames the image's
+    bytes (not an image, truncated, corrupt, a decompression bomb), as opposed to the machine (a
+    MemoryError; an OSError with an errno, which comes from the file system: permission denied,
+    an I/O error) or a bug (AttributeError, NameError, ...). Use it only around Pillow's own calls,
+    so that a bug in the code around them is never taken for a bad file."""
+    if isinstance(exc, OSError):
+        return exc.errno is None
+    return isinstance(exc, (DataError, *_PILLOW_DATA_ERRORS))
+
+
+def decode_rgb(image: Image.Image) -> Image.Image:
+    """An opened image (Pillow decodes lazily) decoded fully, so that truncated data fail here,
+    turned upright (EXIF orientation) and converted to 8-bit RGB (`to_rgb`).
+
+    Bad image data raise `DataError` saying what is wrong; anything else (a MemoryError, an
+    error of the file system, a bug) propagates as it is."""
+    try:
         _check_bomb(image)
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
-        return to_rgb(image)
+    except Exception as exc:
+        if not is_bad_image_error(exc):
+            raise
+        raise DataError(_describe(exc)) from exc
+    return to_rgb(image)
 
 
-def _resize_center_crop(image: Image.Image, size: int, resize: int | None = None,
-                        interpolation: TF.InterpolationMode = TF.InterpolationMode.BICUBIC) -> Image.Image:
-    """Shorter side to `resize` (default `size`), then the central size x size square.
+def _open_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """Open and `decode_rgb` one image. `DataError` for bad image data; an OSError with an errno
+    (file missing, permission denied) and anything else propagate."""
+    try:
+        opened = Image.open(source)
+    except Exception as exc:
+        if not is_bad_image_error(exc):
+            raise
+        raise DataError(_describe(exc)) from exc
+    with opened as image:
+        return decode_rgb(image)
 
-    Shared by the folder loader and `preprocess` so training and prediction see the same pixels.
-    Pillow always antialiases when it shrinks.
+
+def _check_crop(image_size: int, resize: int | None) -> int:
+    if not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    resize = resize or image_size
+    if resize < image_size:
+        raise ValueError(f"resize ({resize}) must be at least image_size ({image_size})")
+    return resize
+
+
+def _crop_geometry(width: int, height: int, image_size: int, resize: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized_w, resized_h), (left, top)): the size the shorter side's resize gives and the
+    centre crop's corner in it, with torchvision's rounding (`resize` to one side, `center_crop`),
+    so that the crop is the one `preprocess` makes."""
+    short, long = sorted((width, height))
+    new_long = int(resize * long / short)  # torchvision truncates
+    new_w, new_h = (resize, new_long) if width <= height else (new_long, resize)
+    return (new_w, new_h), (int(round((new_w - image_size) / 2.0)), int(round((new_h - image_size) / 2.0)))
+
+
+# torchvision's names for Pillow's filters (the same filters TF.resize applies to PIL images).
+_PIL_RESAMPLING = {
+    TF.InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    TF.InterpolationMode.NEAREST_EXACT: Image.Resampling.NEAREST,
+    TF.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    TF.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    TF.InterpolationMode.BOX: Image.Resampling.BOX,
+    TF.InterpolationMode.HAMMING: Image.Resampling.HAMMING,
+    TF.InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
+}
+
+
+def model_crop(image: Image.Image, image_size: int, *, resize: int | None = None,
+               interpolation: str | TF.InterpolationMode = "bicubic", size: int | None = None) -> Image.Image:
+    """The square the model sees of `image`: shorter side to `resize` (default `image_size`),
+    then the central image_size x image_size square, as 8-bit RGB.
+
+    With `size` left out (or equal to `image_size`) these are exactly the pixels `preprocess`
+    normalises and `load_image_folder` stores. With another `size` the same square of the
+    original is drawn at size x size, straight from the original's pixels (sharper than
+    enlarging the model's pixels), so that a map on the model's patch grid, stretched to that
+    size, lies over the pixels each patch was made of. Pillow antialiases when it shrinks.
     """
-    resize = resize or size
-    if image.size == (size, size) and resize == size:
-        return image  # already the right size (CIFAR): nothing to do
-    image = TF.resize(image, [resize], interpolation=interpolation)
-    return TF.center_crop(image, [size, size])
+    resize = _check_crop(image_size, resize)
+    interpolation = TF.InterpolationMode(interpolation)
+    if image.mode != "RGB" or "transparency" in image.info:
+        image = to_rgb(image)
+    if size is None or size == image_size:
+        if image.size == (image_size, image_size) and resize == image_size:
+            return image  # already the right size (CIFAR): nothing to do
+        image = TF.resize(image, [resize], interpolation=interpolation)
+        return TF.center_crop(image, [image_size, image_size])
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    (new_w, new_h), (left, top) = _crop_geometry(*image.size, image_size, resize)
+    sx, sy = image.width / new_w, image.height / new_h  # resized pixels -> original pixels
+    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+    return image.resize((size, size), _PIL_RESAMPLING[interpolation], box=box)
+
+
+def model_crop_batch(images: Tensor, image_size: int, *, resize: int | None = None,
+                     interpolation: str | TF.InterpolationMode = "bicubic") -> Tensor:
+    """`model_crop` of every image of a uint8 batch (N, 3, H, W) -> uint8 (N, 3, S, S): images
+    resized for training exactly as `preprocess` resizes one for prediction (through Pillow, the
+    same filter, antialiased when shrinking), so a model trains on the pixels it will be shown."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected a uint8 batch (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    resize = _check_crop(image_size, resize)
+    if images.shape[-2:] == (image_size, image_size) and resize == image_size:
+        return images  # nothing to do (CIFAR at 32 px)
+    hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty((len(hwc), image_size, image_size, 3), dtype=np.uint8)  # Pillow's layout: plain copies
+
+    def crop(i: int) -> None:
+        out[i] = np.asarray(model_crop(Image.fromarray(hwc[i]), image_size, resize=resize, interpolation=interpolation))
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # Pillow's resampling releases the GIL
+        list(pool.map(crop, range(len(hwc))))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def _describe(exc: BaseException) -> str:
@@ -185,15 +295,23 @@ def _list_files(class_dir: Path) -> list[Path]:
     return files
 
 
-def _load_chunk(jobs: list[tuple[int, Path]], out: Tensor, size: int) -> list[tuple[int, str]]:
-    """Decode a chunk of files into rows of `out`; return (row, reason) for those that fail."""
+def _load_chunk(jobs: list[tuple[int, Path]], out: Tensor, size: int, resize: int | None = None,
+                interpolation: str = "bicubic") -> list[tuple[int, str]]:
+    """Decode a chunk of files into rows of `out`; return (row, reason) for those skipped: bad
+    image data, or a file the file system will not read. Anything else (a MemoryError, a bug)
+    propagates and stops the load, instead of skipping every file."""
     failed = []
     for row, path in jobs:
         try:
-            image = _resize_center_crop(_open_rgb(path), size)
-            out[row] = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # np.array: a writable copy
-        except Exception as exc:  # Pillow's plugins raise many types; any failure means skip
-            failed.append((row, _describe(exc)))
+            image = _open_rgb(path)
+        except DataError as exc:
+            failed.append((row, str(exc)))
+            continue
+        except OSError as exc:  # from the file system (errno set): permission denied, an I/O error
+            failed.append((row, f"cannot read the file ({exc.strerror or exc})"))
+            continue
+        image = model_crop(image, size, resize=resize, interpolation=interpolation)
+        out[row] = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # np.array: a writable copy
     return failed
 
 
@@ -208,8 +326,10 @@ def _auto_workers(sample: list[Path]) -> int:
             try:
                 with Image.open(path) as image:  # reads the header only
                     pixels.append(image.width * image.height)
-            except Exception:
-                continue
+            except Exception as exc:
+                if not isinstance(exc, OSError) and not is_bad_image_error(exc):
+                    raise
+                continue  # a bad or unreadable file: the loader reports it
     if not pixels or sorted(pixels)[len(pixels) // 2] < 128 * 128:
         return 1
     return min(8, (os.cpu_count() or 1) + 2)  # a few extra threads cover waiting on file reads
@@ -221,11 +341,16 @@ def load_image_folder(
     max_images_per_class: int | None = None,
     progress: bool = True,
     num_workers: int | None = None,
+    resize: int | None = None,
+    interpolation: str = "bicubic",
 ) -> ImageData:
     """Load an ImageFolder tree, root/<class>/<image>, into memory at image_size x image_size.
 
     Classes are the sub-folders, sorted by name. Files that are not readable images are skipped
     and listed in `skipped`. `max_images_per_class` keeps the first files of each class by name.
+    Each image is stored as `model_crop` makes it: pass the `resize` and `interpolation` of the
+    preprocessing the model will be used with (a fine-tune's, e.g. 256 for 224) so that training
+    sees the pixels `preprocess` will show it.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -235,6 +360,8 @@ def load_image_folder(
         raise DataError(f"not a folder: {root}{hint}")
     if not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if resize is not None and resize < image_size:
+        raise DataError(f"resize ({resize}) must be at least image_size ({image_size})")
     root = _find_class_root(root)
     class_dirs = _subdirs(root)
     if not class_dirs:
@@ -264,7 +391,8 @@ def load_image_folder(
                disable=not (progress and sys.stderr.isatty()))
     with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool, bar:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_bomb reports it instead
-        futures = {pool.submit(_load_chunk, jobs[i:i + chunk], images, image_size): len(jobs[i:i + chunk])
+        futures = {pool.submit(_load_chunk, jobs[i:i + chunk], images, image_size, resize, interpolation):
+                   len(jobs[i:i + chunk])
                    for i in range(0, len(jobs), chunk)}
         for future in as_completed(futures):
             failed += future.result()
@@ -331,7 +459,10 @@ def safe_extract_zip(
                         dst.write(block)
             except DataError:
                 raise
-            except Exception as exc:  # bad CRC, broken deflate data (zlib.error), a file where a folder is, ...
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError, OSError) as exc:
+                # A bad CRC or broken deflate data, an unsupported compression method, a file where
+                # a folder is, a full disk: what a damaged zip or this machine raise. Anything
+                # else is a bug and surfaces as it is.
                 raise DataError(f"could not extract entry {info.filename!r}: {type(exc).__name__}: {exc}") from None
     return dest
 
@@ -381,9 +512,19 @@ def load_zip(
 def load_cifar10(root: str | os.PathLike, train: bool = True, download: bool = False) -> ImageData:
     """CIFAR-10 in torchvision's format (the python pickles), 32 x 32, from `root`."""
     split = "training" if train else "test"
+    root = Path(root).expanduser()
+    before = set(root.iterdir()) if root.is_dir() else None  # what a failed download must leave as it was
     try:
         dataset = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError
+    except BaseException as exc:
+        if download and root.is_dir():  # neither the folder torchvision made nor a partial archive stays behind
+            for path in [root] if before is None else [p for p in root.iterdir() if p not in before]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if not isinstance(exc, (OSError, RuntimeError)):  # URLError is an OSError; torchvision raises RuntimeError
+            raise
         if download:
             raise DataError(f"could not download CIFAR-10 (offline?): {exc}. Without internet, load an "
                             f"ImageFolder copy with load_image_folder(root/<class>/<image>).") from exc
@@ -693,7 +834,9 @@ def _reflect(index: Tensor, size: int) -> Tensor:
 def load_image(path_or_file: str | os.PathLike | IO[bytes] | bytes) -> Image.Image:
     """Open one image for prediction: decoded fully, upright (EXIF), 8-bit RGB.
 
-    Raises `DataError` for anything that is not a complete, decodable image of sane size.
+    Raises `DataError` for anything that is not a complete, decodable image of sane size, and
+    for a file that cannot be read (missing, permission denied), each saying which; anything else
+    (a MemoryError, a bug) propagates as it is.
     """
     source = io.BytesIO(path_or_file) if isinstance(path_or_file, (bytes, bytearray)) else path_or_file
     name = getattr(source, "name", None) or (str(source) if isinstance(source, (str, os.PathLike)) else "upload")
@@ -703,10 +846,17 @@ def load_image(path_or_file: str | os.PathLike | IO[bytes] | bytes) -> Image.Ima
             return _open_rgb(source)
     except FileNotFoundError:
         raise DataError(f"file not found: {name}") from None
-    except (DataError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{name}: {_describe(exc)}") from None
-    except Exception as exc:
-        raise DataError(f"not an image or corrupt: {name} ({type(exc).__name__}: {exc})") from None
+    except DataError as exc:
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, (DataError, Image.DecompressionBombError,
+                                               Image.DecompressionBombWarning)):
+            raise DataError(f"{name}: {exc}") from None
+        raise DataError(f"not an image or corrupt: {name} ({type(cause).__name__}: {cause})") from None
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        # The file system's refusal (permission denied, a folder, an I/O error), not a bad image.
+        raise DataError(f"cannot read {name}: {exc.strerror or exc}") from None
 
 
 def preprocess(
@@ -717,12 +867,10 @@ def preprocess(
     resize: int | None = None,
     interpolation: str | TF.InterpolationMode = "bicubic",
 ) -> Tensor:
-    """A PIL image -> normalised float (1, 3, S, S): shorter side to `resize` (default
-    image_size), centre crop, normalise. With the defaults it gives exactly the pixels
-    `load_image_folder` stores, so prediction sees what training saw."""
-    if resize is not None and resize < image_size:
-        raise ValueError(f"resize ({resize}) must be at least image_size ({image_size})")
-    image = _resize_center_crop(to_rgb(image), image_size, resize, TF.InterpolationMode(interpolation))
+    """A PIL image -> normalised float (1, 3, S, S): `model_crop` (shorter side to `resize`,
+    default image_size, centre crop), then normalise. With the defaults it gives exactly the
+    pixels `load_image_folder` stores, so prediction sees what training saw."""
+    image = model_crop(image, image_size, resize=resize, interpolation=interpolation)
     return normalize(TF.pil_to_tensor(image).unsqueeze(0), mean, std)
 
 
@@ -736,11 +884,15 @@ __all__ = [
     "BatchAugment",
     "DataError",
     "ImageData",
+    "decode_rgb",
+    "is_bad_image_error",
     "iterate_batches",
     "load_cifar10",
     "load_image",
     "load_image_folder",
     "load_zip",
+    "model_crop",
+    "model_crop_batch",
     "normalize",
     "num_batches",
     "preprocess",

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ood
 from .checkpoint import WEIGHTS_NAME, atomic_write, save_checkpoint, unwrap
 from .data import BatchAugment, ImageData, iterate_batches, normalize
 from .model import VisionTransformer
@@ -43,9 +44,9 @@ class Recipe:
     """How to optimise: optimiser, learning-rate schedule (linear warm-up, then cosine decay to
     zero), regularisation and augmentation."""
 
-    optimizer: str = "adamw"  # "adam", "adamw" or "sgd"
+    optimizer: str = "adamw"  # "adamw" (decoupled weight decay), "adam" (decay added to the gradient, L2) or "sgd"
     lr: float = 1e-3
-    weight_decay: float = 0.05  # decoupled (AdamW-style); never applied to biases, norms, embeddings
+    weight_decay: float = 0.05  # see make_optimizer; never applied to biases, norms, embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # SGD only
     epochs: int = 10
@@ -88,9 +89,13 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # Table 3 of the paper: Adam (0.9, 0.999), warm-up then cosine, weight decay, clipping at 1.
-    # lr and weight decay are its ImageNet-1k values (batch 4096); made for big data.
-    "paper": Recipe(optimizer="adam", lr=3e-3, weight_decay=0.3, warmup=0.1, label_smoothing=0.0),
-    # For small data sets trained from scratch (REFERENCE.md section 6; DeiT-like, shorter).
+    # lr and weight decay are its ImageNet-1k values (batch 4096); made for big data. The decay is
+    # decoupled from the gradient, AdamW-style, as the weight_decay of Flax's Adam (the paper's
+    # JAX code base) is: added to Adam's gradient instead, a decay of 0.3 would swamp its steps.
+    "paper": Recipe(optimizer="adamw", lr=3e-3, weight_decay=0.3, warmup=0.1, label_smoothing=0.0),
+    # For small data sets trained from scratch: DeiT's kind of recipe (AdamW, weight decay 0.05,
+    # warm-up then cosine, label smoothing 0.1), shorter, at lr 1e-3 for batch 128, with random
+    # crop and flip; RandAugment pays only over long schedules.
     "small-data": Recipe(),
     # The paper's fine-tuning: SGD with momentum 0.9, no weight decay, clipping at 1, cosine.
     "finetune": Recipe(optimizer="sgd", lr=0.01, weight_decay=0.0, warmup=0.05, label_smoothing=0.0, batch_size=64),
@@ -98,8 +103,14 @@ RECIPES: dict[str, Recipe] = {
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Weight decay on the weight matrices only: biases, LayerNorms, the class token and
-    position embeddings are left alone, as in timm and the reference code."""
+    """The recipe's optimiser, with weight decay on the weight matrices only: biases,
+    LayerNorms, the class token and position embeddings are left alone, as in timm and the
+    reference code.
+
+    "adamw" decays the weights themselves, w <- w - lr * wd * w, apart from Adam's normalised
+    step (Loshchilov and Hutter, "Decoupled Weight Decay Regularization", 2019); "adam" adds
+    wd * w to the gradient (an L2 penalty), which Adam's normalisation then rescales; "sgd" adds it
+    to the gradient too, with momentum."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -108,7 +119,9 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
-    return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas, decoupled_weight_decay=True)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas)
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas)
 
 
 def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -154,6 +167,17 @@ class EpochEvent:
     seconds: float
     checkpoint: Path | None
     kind: str = "epoch"
+
+
+@dataclass
+class ValidationEvent:
+    """Validation inside an epoch (every `val_every` steps), so a long epoch still draws a curve."""
+
+    epoch: int  # 1-based: the epoch under way
+    step: int
+    val_loss: float
+    val_acc: float
+    kind: str = "validation"
 
 
 @dataclass
@@ -240,8 +264,13 @@ def evaluate(
 class Features:
     """Class-token features standing in for images when only the head is trained."""
 
-    images: Tensor  # float (N, D)
+    features: Tensor  # float (N, D)
     labels: Tensor
+
+    @property
+    def images(self) -> Tensor:
+        """The features, under the name `iterate_batches` reads: it batches both alike."""
+        return self.features
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -280,7 +309,8 @@ def train(
     log_every: int = 20,
     should_stop: Callable[[], bool] | None = None,
     metadata: dict[str, Any] | None = None,
-) -> Iterator[StepEvent | EpochEvent | DoneEvent]:
+    val_every: int | None = None,
+) -> Iterator[StepEvent | ValidationEvent | EpochEvent | DoneEvent]:
     """Train `model` on `train_data`, validating on `val_data` after every epoch.
 
     With `out_dir`, every epoch atomically writes `model.safetensors` (weights and metadata,
@@ -288,8 +318,9 @@ def train(
     `resume=True` continues from them. `preprocess` (see `vitdemo.checkpoint.preprocessing`)
     gives the normalisation and is stored with the model, as is `metadata` (any JSON-able
     facts, e.g. the data source). With `freeze_backbone`, only the head is trained, on
-    class-token features computed once. Yields `StepEvent`s every `log_every` steps, an
-    `EpochEvent` per epoch and a final `DoneEvent`.
+    class-token features computed once. Yields `StepEvent`s every `log_every` steps, a
+    `ValidationEvent` every `val_every` steps inside an epoch (if given), an `EpochEvent` per
+    epoch and a final `DoneEvent`.
     """
     device = select_device(str(device) if device is not None else None)
     if device.type == "cpu":
@@ -324,6 +355,8 @@ def train(
     total_steps = steps_per_epoch * recipe.epochs
     optimizer = make_optimizer(net, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, recipe.warmup))
+    # "test_loss" and "test_acc" hold the validation split's figures (never a test set's): the
+    # walk-through's names, kept so that its plotting code and earlier results.json files read them.
     history: dict[str, list[float | None]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": [], "lr": []}
     start_epoch, step = 0, 0
 
@@ -386,6 +419,11 @@ def train(
                 yield StepEvent(epoch + 1, step, total_steps, window[0] / window[2], window[1] / window[2],
                                 scheduler.get_last_lr()[0], rate, remaining)
                 window = [0.0, 0.0, 0.0, time.perf_counter()]
+            if val_every and step % val_every == 0 and step % steps_per_epoch and val_inputs is not None:
+                val_loss, val_acc, _ = evaluate(base.head if freeze_backbone else base, val_inputs, mean, std,
+                                                device=device, inputs_are_features=freeze_backbone)
+                net.train()
+                yield ValidationEvent(epoch + 1, step, val_loss, val_acc)
         if stopped:
             break
         _read_back(pending, step, epoch, scheduler.get_last_lr()[0], (sums, window))
@@ -404,9 +442,13 @@ def train(
         if out_dir is not None and rank == 0:
             metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": val_loss, "val_acc": val_acc}
+            extra = dict(metadata or {})
+            if epoch + 1 == recipe.epochs and val_data is not None and len(val_data):
+                # The finished model carries its out-of-distribution statistics: means and covariance
+                # from the training images, the threshold from the held-out ones (vitdemo.ood).
+                extra["ood"] = ood.fit(base, train_data, val_data, preprocess)
             save_checkpoint(checkpoint, base, train_data.class_names, preprocess,
-                            metrics=metrics, recipe=recipe.to_dict(), seed=seed, history=history,
-                            **(metadata or {}))
+                            metrics=metrics, recipe=recipe.to_dict(), seed=seed, history=history, **extra)
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                      "history": history, "recipe": _jsonable(recipe.to_dict()), "seed": seed}
@@ -461,6 +503,6 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "RECIPES", "DoneEvent", "EpochEvent", "Recipe", "StepEvent", "TrainingError", "evaluate",
+    "RECIPES", "DoneEvent", "EpochEvent", "Recipe", "StepEvent", "TrainingError", "ValidationEvent", "evaluate",
     "extract_features", "make_optimizer", "select_device", "train", "warmup_cosine",
 ]

@@ -5,14 +5,15 @@
   oneDNN's matrix product (weight prepacking) and the bias, and in the MLP the GELU, applied
   inside that product instead of in separate passes over memory. This is what
   `torch.compile` with freezing does to linear layers, without a compiler or a warm-up.
-  Profiling ViT-B/16 showed 86% of the time in `addmm`, plus a bias copy (6%) and GELU (6%)
-  at batch 16: the packed product is faster at batch 1 and removes those passes.
+  Besides the matrix products (`addmm`), the eager model makes a separate pass over memory for
+  the bias and for GELU: the packed product removes them, and is faster at batch 1 too
+  (`python benchmarks/bench.py inference`).
 - "onnx": the model exported to ONNX and run by ONNX Runtime, fp32.
 - "int8": that ONNX model with its matrix-product weights quantised to int8 (activations
   quantised on the fly, per batch): ONNX Runtime's dynamic quantisation, 2.4x fp32 for
   ViT-B/16 at batch 1 (`python benchmarks/bench.py int8`). PyTorch's own eager int8 path
   (`torch.ao.quantization.quantize_dynamic`) is deprecated, and torchao's int8 without
-  `torch.compile` gave only 1.28x in a trial here. Because activations are quantised per
+  `torch.compile` was far slower in a trial here. Because activations are quantised per
   batch, an image's logits depend slightly on the other images in its batch.
 
 Each runtime is a callable from a normalised image batch (B, 3, H, W) to logits (B, classes);
@@ -96,8 +97,11 @@ def pack(model: VisionTransformer) -> VisionTransformer:
 # "onnx" and "int8": ONNX Runtime
 # ---------------------------------------------------------------------------------------------
 
-# The checkpoint's weights digest travels inside an exported file, so a stale export is noticed.
+# The checkpoint's weights digest and the precision travel inside an exported file, so a stale
+# export, or one of the other precision, is noticed wherever it is loaded.
 SOURCE_KEY = "vitdemo.weights_sha256"
+PRECISION_KEY = "vitdemo.precision"
+PRECISIONS = ("fp32", "int8")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -110,9 +114,10 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: VisionTransformer, path: str | Path, *, int8: bool = False) -> Path:
+def export_onnx(model: VisionTransformer, path: str | Path, *, int8: bool = False, overwrite: bool = True) -> Path:
     """Write `model` as an ONNX file with a dynamic batch size, fp32, or with int8 weights if
-    `int8`; the weights' digest is stored in its metadata (`SOURCE_KEY`)."""
+    `int8`; the weights' digest and the precision are stored in its metadata (`SOURCE_KEY`,
+    `PRECISION_KEY`). With `overwrite=False` an existing file is left alone (`FileExistsError`)."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
@@ -124,12 +129,12 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, int8: bool = Fals
     was_training = model.training
     model.eval()
     try:
-        return _export_onnx(model, path, int8)
+        return _export_onnx(model, path, int8, overwrite)
     finally:
         model.train(was_training)
 
 
-def _export_onnx(model: VisionTransformer, path: str | Path, int8: bool) -> Path:
+def _export_onnx(model: VisionTransformer, path: str | Path, int8: bool, overwrite: bool) -> Path:
     import onnx
 
     height, width = model.config.image_size
@@ -148,8 +153,8 @@ def _export_onnx(model: VisionTransformer, path: str | Path, int8: bool) -> Path
                 quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8)
             exported = quantized
         proto = onnx.load(exported)
-        onnx.helper.set_model_props(proto, {SOURCE_KEY: digest, "vitdemo.precision": "int8" if int8 else "fp32"})
-        return atomic_write(path, lambda tmp_path: onnx.save(proto, tmp_path))
+        onnx.helper.set_model_props(proto, {SOURCE_KEY: digest, PRECISION_KEY: "int8" if int8 else "fp32"})
+        return atomic_write(path, lambda tmp_path: onnx.save(proto, tmp_path), overwrite=overwrite)
 
 
 class _quiet:
@@ -185,7 +190,14 @@ class OnnxModel:
         # other views, a training run) spinning threads steal the CPU from the work.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except (ort_errors.NoSuchFile, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail) as err:
+            # What a missing, foreign or damaged file raises; its text names the full path, ours the file.
+            raise ValueError(f"{self.path.name} is not an ONNX model that ONNX Runtime can load "
+                             f"({type(err).__name__})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
@@ -194,11 +206,17 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
-def load_onnx(path: str | Path, model: VisionTransformer | None = None) -> OnnxModel:
-    """Open an exported file; with `model`, refuse a file exported from other weights."""
+def load_onnx(path: str | Path, model: VisionTransformer | None = None, *, precision: str | None = None) -> OnnxModel:
+    """Open an exported file; with `model`, refuse a file exported from other weights, and with
+    `precision` ("fp32" or "int8"), a file of the other precision (`ValueError` for both)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     runner = OnnxModel(path)
     if model is not None and runner.metadata.get(SOURCE_KEY) != weights_digest(model):
         raise ValueError(f"{Path(path).name} was not exported from these weights (export it again)")
+    held = runner.metadata.get(PRECISION_KEY, "an unknown precision of")
+    if precision is not None and held != precision:
+        raise ValueError(f"{Path(path).name} holds {held} weights, not {precision}")
     return runner
 
 
@@ -208,9 +226,10 @@ def load_onnx(path: str | Path, model: VisionTransformer | None = None) -> OnnxM
 
 
 def prepare(model: VisionTransformer, runtime: str = "eager", *, onnx_path: str | Path | None = None) -> Runtime:
-    """`model` as a callable for `runtime` (one of `RUNTIMES`). For "onnx" and "int8", an
-    existing `onnx_path` exported from the same weights is reused, otherwise the model is
-    exported there (or to a temporary file)."""
+    """`model` as a callable for `runtime` (one of `RUNTIMES`). For "onnx" and "int8": an
+    existing `onnx_path` is used if it was exported from these weights at this precision and
+    refused (`ValueError`) otherwise, never overwritten; a new `onnx_path` receives the export;
+    without one the model is exported to a temporary file."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     if runtime == "eager":
@@ -218,18 +237,25 @@ def prepare(model: VisionTransformer, runtime: str = "eager", *, onnx_path: str 
     if runtime == "packed":
         return pack(model)
     int8 = runtime == "int8"
-    if onnx_path is not None and Path(onnx_path).is_file():
-        try:
-            runner = load_onnx(onnx_path, model)
-            if runner.metadata.get("vitdemo.precision") == ("int8" if int8 else "fp32"):
-                return runner
-        except ValueError:
-            pass  # stale: export again below
+    precision = "int8" if int8 else "fp32"
     if onnx_path is None:
         with tempfile.TemporaryDirectory(prefix="vitdemo-onnx-") as tmp:  # the session keeps its own copy
             return OnnxModel(export_onnx(model, Path(tmp) / f"model.{runtime}.onnx", int8=int8))
-    return OnnxModel(export_onnx(model, onnx_path, int8=int8))
+    onnx_path = Path(onnx_path)
+    if not onnx_path.exists():
+        try:
+            return OnnxModel(export_onnx(model, onnx_path, int8=int8, overwrite=False))
+        except FileExistsError:
+            pass  # created meanwhile by someone else: check it below like any existing file
+    try:
+        return load_onnx(onnx_path, model, precision=precision)
+    except ValueError as err:
+        # The user named this file: replacing it would destroy their export (an int8 file
+        # silently turned fp32 under its old name). Say what to do instead.
+        raise ValueError(f"{err}; it is left as it is. Give another file name to export to, or export this "
+                         f"checkpoint at {precision} with `python -m vitdemo export --checkpoint CHECKPOINT "
+                         f"--out NEW.onnx{' --int8' if int8 else ''}`") from None
 
 
-__all__ = ["RUNTIMES", "OnnxModel", "PackedLinear", "RuntimeUnavailable", "export_onnx", "load_onnx", "pack", "packing_available",
-           "prepare", "weights_digest"]
+__all__ = ["PRECISIONS", "PRECISION_KEY", "RUNTIMES", "SOURCE_KEY", "OnnxModel", "PackedLinear", "RuntimeUnavailable",
+           "export_onnx", "load_onnx", "pack", "packing_available", "prepare", "weights_digest"]

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .data import model_crop, to_rgb
 from .model import VisionTransformer
 
 
@@ -59,13 +60,17 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str]) -> Fig
 
 
 def patch_grid(image: Image.Image, patch_size: int, image_size: int | None = None, line_color=(255, 255, 255),
-               per_row: int | None = None, gap: int = 2) -> tuple[Image.Image, Image.Image]:
-    """The image (resized and centre-cropped to `image_size`, as the model sees it) with its
-    patch grid drawn, and the flattened sequence of patches, in the order the model reads them
-    (row by row), as a strip wrapped every `per_row` patches."""
-    image = image.convert("RGB")
+               per_row: int | None = None, gap: int = 2, *, resize: int | None = None,
+               interpolation: str = "bicubic") -> tuple[Image.Image, Image.Image]:
+    """The image with its patch grid drawn, and the flattened sequence of patches, in the order
+    the model reads them (row by row), as a strip wrapped every `per_row` patches.
+
+    With `image_size`, the image is first cut to what the model sees (`vitdemo.data.model_crop`
+    with the checkpoint's `resize` and `interpolation`: the very pixels `preprocess` gives it);
+    without, it is drawn as it is."""
     if image_size is not None:
-        image = ImageOps.fit(image, (image_size, image_size), Image.Resampling.BICUBIC)
+        image = model_crop(image, image_size, resize=resize, interpolation=interpolation)
+    image = to_rgb(image)
     w, h = image.size
     if w % patch_size or h % patch_size:
         raise ValueError(f"image size {w}x{h} is not divisible by patch_size {patch_size}")
@@ -202,26 +207,80 @@ def attention_rollout(attentions: Sequence[Tensor], head_fusion: str = "mean", d
     return _rollout([_fuse_heads(a.detach(), head_fusion) for a in attentions], discard_ratio, grid)
 
 
-def gradient_rollout(model: VisionTransformer, x: Tensor, class_index: int | Sequence[int] | None = None,
+def _class_gradients(model: VisionTransformer, x: Tensor, class_index: int | Sequence[int] | Tensor | None
+                     ) -> tuple[list[Tensor], list[Tensor]]:
+    """Every layer's attention (B, heads, T, T) and the gradient of the chosen class's logit
+    (not its softmax) with respect to it, in eval mode (default class: each image's prediction).
+
+    `torch.autograd.grad` reaches the attention maps only, so no parameter's `.grad` is written
+    and a model whose weights have `requires_grad=False` (one shared by a server) works: the
+    graph is then built through the input instead."""
+    was_training = model.training
+    model.eval()  # dropout and stochastic depth off, as for a prediction
+    try:
+        with torch.enable_grad():
+            if not x.requires_grad and not any(p.requires_grad for p in model.parameters()):
+                x = x.detach().requires_grad_(True)
+            logits, attentions = model(x, return_attention=True)
+            target = _target_classes(logits, class_index)
+            # Images do not interact, so the gradient of the sum is each image's own gradient.
+            grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), attentions)
+    finally:
+        model.train(was_training)
+    return [a.detach() for a in attentions], [g.detach() for g in grads]
+
+
+def _target_classes(logits: Tensor, class_index: int | Sequence[int] | Tensor | None) -> Tensor:
+    """(B,) class indices: the predicted ones, one for all images, or one per image."""
+    B, num_classes = logits.shape
+    if class_index is None:
+        return logits.argmax(-1)
+    target = torch.as_tensor(class_index, dtype=torch.long, device=logits.device).reshape(-1)
+    if target.numel() not in (1, B):
+        raise ValueError(f"class_index must be one class or one per image ({B}), got {target.numel()}")
+    if ((target < 0) | (target >= num_classes)).any():
+        raise ValueError(f"class_index must be in [0, {num_classes}), got {target.tolist()}")
+    return target.expand(B)
+
+
+def gradient_rollout(model: VisionTransformer, x: Tensor, class_index: int | Sequence[int] | Tensor | None = None,
                      discard_ratio: float = 0.0) -> Tensor:
     """Rollout with every layer's attention weighted by the ReLU of the gradient of the chosen
-    class's logit with respect to that same layer's attention (default: the predicted class),
-    then averaged over heads. (B, grid_h, grid_w), scaled to [0, 1]."""
-    was_training = model.training
-    model.eval()
-    with torch.enable_grad():
-        logits, attentions = model(x, return_attention=True)
-        for a in attentions:
-            a.retain_grad()
-        if class_index is None:
-            target = logits.argmax(-1)
-        else:
-            target = torch.as_tensor(class_index, device=logits.device).expand(logits.shape[0])
-        model.zero_grad(set_to_none=True)
-        logits.gather(1, target[:, None]).sum().backward()
-    model.train(was_training)
-    fused = [(a.detach() * a.grad.clamp_min(0)).mean(1) for a in attentions]  # layer l with its own gradient
+    class's logit with respect to that same layer's attention (default: each image's predicted
+    class; an int for all images or one per image), then averaged over heads.
+    (B, grid_h, grid_w), scaled to [0, 1]. The model's weights get no gradient."""
+    attentions, grads = _class_gradients(model, x, class_index)
+    fused = [(a * g.clamp_min(0)).mean(1) for a, g in zip(attentions, grads)]  # layer l with its own gradient
     return _rollout(fused, discard_ratio, model.config.grid_size)
+
+
+def relevance(model: VisionTransformer, x: Tensor, class_index: int | Sequence[int] | Tensor | None = None) -> Tensor:
+    """Class-specific relevance of every patch (Chefer, Gur and Wolf, "Generic Attention-model
+    Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021, the
+    rules for self-attention).
+
+    R starts as the identity (tokens x tokens). For each layer, first to last, with A its
+    attention probabilities (heads x T x T) and G the gradient of the class's logit (not the
+    softmax) with respect to A:
+
+        Abar = mean over heads of (G * A)^+      (clamped at zero before the mean)
+        R    = R + Abar @ R                      (no row normalisation, unlike rollout)
+
+    The map is the class token's row of R without its own column, on the patch grid, scaled
+    to [0, 1] per image: (B, grid_h, grid_w). `class_index`: default each image's predicted
+    class; an int for all images, or one per image. Unlike rollout it depends on the class.
+    The model's weights get no gradient.
+    """
+    attentions, grads = _class_gradients(model, x, class_index)
+    B, _, T, _ = attentions[0].shape
+    R = torch.eye(T, dtype=torch.float64, device=x.device).expand(B, T, T)
+    for a, g in zip(attentions, grads):
+        abar = (g.double() * a.double()).clamp_min(0).mean(1)  # each layer with its own gradient
+        R = R + abar @ R
+    mask = R[:, 0, 1:].reshape(B, *model.config.grid_size)  # what the class token draws from each patch
+    lo = mask.amin(dim=(1, 2), keepdim=True)
+    hi = mask.amax(dim=(1, 2), keepdim=True)
+    return ((mask - lo) / (hi - lo).clamp_min(1e-12)).float()
 
 
 def token_attention(attentions: Sequence[Tensor], layer: int, query: int = 0,
@@ -237,14 +296,20 @@ def token_attention(attentions: Sequence[Tensor], layer: int, query: int = 0,
 
 
 def overlay(image: Image.Image, mask: Tensor | np.ndarray, alpha: float = 0.5, cmap: str = "inferno",
-            size: int | None = None) -> Image.Image:
-    """`mask` (grid_h, grid_w), values in [0, 1], upsampled smoothly and blended over `image`
-    (resized to `size` if given) with opacity `alpha`."""
+            size: int | None = None, *, image_size: int | None = None, resize: int | None = None,
+            interpolation: str = "bicubic") -> Image.Image:
+    """`mask` (grid_h, grid_w), values in [0, 1], upsampled smoothly and blended with opacity
+    `alpha` over the part of `image` the model saw, so each patch's value lies on its pixels.
+
+    That part is `vitdemo.data.model_crop(image, image_size, resize=..., interpolation=...)`,
+    drawn at size x size (`size` defaults to `image_size`); pass the checkpoint's `image_size`,
+    `resize` and `interpolation`. With only `size`, the central square is drawn at that size;
+    with neither, `image` is taken to be the model's view already."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    image = image.convert("RGB")
-    if size is not None:
-        image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+    if image_size is not None or size is not None:
+        image = model_crop(image, image_size or size, resize=resize, interpolation=interpolation, size=size)
+    image = to_rgb(image)
     mask = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
     up = F.interpolate(mask, size=image.size[::-1], mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
     heat = colormaps[cmap](up.numpy())[..., :3]

@@ -1,0 +1,122 @@
+"""The Gradio app: classify an image, see it cut into patches, the position embeddings and the
+attention, and train. `build_demo()` returns the `gr.Blocks`; `app.py` launches it.
+
+One module per tab, each with `create_ui()` (its layout) and its event handlers, which are plain
+functions the tests call directly; what tabs share lives in `common` (errors, reading images),
+`models` (the model store, runtimes, the picker) and `examples`. This package is the only part of
+vitdemo that imports gradio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from . import about_tab, attention_tab, classify_tab, common, models, patches_tab, position_tab, train_tab
+from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, if_image, image_input
+from .examples import draw_examples
+from .models import MODELS, SHIPPED
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
+CSS = """
+#model-note p { margin: 0.2em 0; }
+.status-line { min-height: 2.6em; }
+"""
+
+
+def launch_options() -> dict[str, Any]:
+    """What `app.py` passes to `demo.launch()` (host and port come from GRADIO_SERVER_NAME and
+    GRADIO_SERVER_PORT through launch's own defaults)."""
+    return {"max_file_size": MAX_FILE_SIZE, "theme": THEME, "css": CSS, "show_error": False}
+
+
+def select_model(name: str | None) -> tuple[Any, ...]:
+    """Everything that changes with the model picker: the note, the card, the sliders' ranges
+    (layers, patch rows and columns) and the attention cache (emptied)."""
+    note = models.model_note(name)
+    card = models.model_card(name)
+    try:
+        config, _ = models.model_spec(name)
+        gh, gw, depth = config.grid_size[0], config.grid_size[1], config.depth
+    except common.ModelUnavailable:
+        gh = gw = depth = 1
+    rows = gr.update(maximum=max(gh, 2), value=(gh + 1) // 2)
+    cols = gr.update(maximum=max(gw, 2), value=(gw + 1) // 2)
+    return note, card, gr.update(maximum=max(depth, 2), value=depth), rows, cols, rows, cols, None
+
+
+def build_demo() -> gr.Blocks:
+    """The app. Launch it with `demo.launch(**launch_options())`."""
+    examples = [[str(p)] for p in draw_examples(common.APP_DIR / "examples")]
+    with gr.Blocks(title="vitdemo: An Image is Worth 16x16 Words", delete_cache=DELETE_CACHE) as demo:
+        gr.Markdown("# vitdemo: the Vision Transformer, explained\n"
+                    "An image cut into patches, each patch a word, read by a Transformer "
+                    "([Dosovitskiy et al., 2020](https://arxiv.org/abs/2010.11929)). Pick a model and an image, "
+                    "then explore.")
+        with gr.Row(equal_height=True):
+            picker = gr.Dropdown(choices=MODELS.choices(), value=SHIPPED, label="Model", allow_custom_value=True,
+                                 scale=2, info="Used by every tab; runs you train appear here.")
+            note = gr.Markdown(elem_id="model-note")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = image_input("Image (used by every tab)", height=260)
+            with gr.Column(scale=1):
+                gr.Examples(examples, inputs=image, label="Examples (drawn pictures)")
+
+        with gr.Tabs():
+            with gr.Tab("Classify", id="classify"):
+                classify_ui = classify_tab.create_ui()
+            with gr.Tab("Patches", id="patches"):
+                patches_ui = patches_tab.create_ui()
+            with gr.Tab("Position embeddings", id="position"):
+                position_ui = position_tab.create_ui()
+            with gr.Tab("Attention", id="attention"):
+                attention_ui = attention_tab.create_ui()
+            with gr.Tab("Train", id="train"):
+                train_ui = train_tab.create_ui()
+            with gr.Tab("About", id="about"):
+                about_ui = about_tab.create_ui()
+
+        # -- wiring ----------------------------------------------------------------------------
+        view = {"concurrency_limit": 2, "concurrency_id": "views"}
+        model_outputs = [note, about_ui["card"], attention_ui["layer"], attention_ui["q_row"],
+                         attention_ui["q_col"], position_ui["row"], position_ui["col"], attention_ui["cache"]]
+        position_inputs = [picker, position_ui["row"], position_ui["col"]]
+        position_outputs = position_tab.outputs(position_ui)
+        attn_inputs, attn_outputs = attention_tab.io(attention_ui, image, picker)
+        patch_outputs = patches_tab.outputs(patches_ui)
+
+        def on_model_change(event: Any) -> None:
+            """After the picked model changes: its note, card, sliders and every view of the image."""
+            done = event.then(select_model, picker, model_outputs, **HIDDEN)
+            done.then(position_tab.position_views, position_inputs, position_outputs, **HIDDEN)
+            done.then(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs, **view,
+                      **HIDDEN)
+            done.then(if_image(attention_tab.explain, (None, [], None, "", None)), attn_inputs, attn_outputs,
+                      **view, **HIDDEN)
+
+        on_model_change(demo.load(models.refresh_picker, picker, picker, **HIDDEN))
+        on_model_change(picker.input(lambda name: name, picker, picker, **HIDDEN))
+
+        # One image for every tab: a new image updates each tab's view of it.
+        classify_outputs = [classify_ui["label"], classify_ui["ms"]]
+        image.change(if_image(classify_tab.classify, (None, None)), [image, picker, classify_ui["runtime"]],
+                     classify_outputs, api_name="classify_on_change", concurrency_limit=3,
+                     concurrency_id="classify", **HIDDEN).success(
+            classify_tab.timing_text, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
+        image.change(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs,
+                     api_name="patches_on_change", **view, **HIDDEN)
+        image.change(if_image(attention_tab.explain, (None, [], None, "", None)), attn_inputs, attn_outputs,
+                     api_name="explain_on_change", **view, **HIDDEN)
+
+        classify_tab.wire(classify_ui, image, picker)
+        position_tab.wire(position_ui, picker, HIDDEN)
+        attention_tab.wire(attention_ui, image, picker, view, HIDDEN)
+        for event in train_tab.wire(train_ui, picker):
+            on_model_change(event)
+    demo.queue(max_size=QUEUE_SIZE)
+    return demo
+
+
+__all__ = ["build_demo", "launch_options", "select_model"]

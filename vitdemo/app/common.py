@@ -1,0 +1,170 @@
+"""What every tab shares: server settings, user errors, and reading an uploaded image.
+
+Errors a user can act on are raised as `gr.Error` with our own words (`user_error`); handlers are
+wrapped in `user_errors`, which turns the library's errors into such messages and anything
+unexpected into a short message while the traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..data import to_rgb as any_mode_to_rgb  # the library's one conversion of any Pillow mode to RGB
+from ..engine import TrainingError
+
+log = logging.getLogger("vitdemo.app")
+
+MAX_PIXELS = 40_000_000  # larger images are refused: decoding them costs time and memory, the model sees 32-224 px
+MAX_FILE_SIZE = "20mb"  # for launch(): uploads larger than this are refused by Gradio itself
+QUEUE_SIZE = 32  # waiting events, over all sessions
+# Gradio keeps every upload (and every file it serves) in its cache folder until told otherwise:
+# every hour, delete those older than an hour, and all of them when the server stops.
+DELETE_CACHE = (3600, 3600)
+VIEW_SIZE = 320  # side of the overlays, in pixels
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+APP_DIR = Path(tempfile.gettempdir()) / "vitdemo-app"  # server-owned: runs and example images (read as common.APP_DIR)
+
+
+class ModelUnavailable(RuntimeError):
+    """The model picked cannot be used (absent, offline, unknown); the message says why."""
+
+
+def user_error(message: str) -> gr.Error:
+    """A message for the user, shown until their next action; their mistake, so no traceback in
+    the server log either."""
+    return gr.Error(message, duration=None, print_exception=False)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's errors into `gr.Error` messages and anything unexpected into a short
+    message (the traceback goes to the server log, never to the user)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (DataError, CheckpointError, ModelUnavailable, TrainingError) as err:
+            raise user_error(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the user gets a message, the log the details
+            log.exception("unexpected error in %s", fn.__name__)
+            raise user_error(f"Something went wrong ({type(err).__name__}). The server log has the details.") from None
+
+    return wrapper
+
+
+def shown_path(path: Path) -> str:
+    """A path as users may see it: relative to the project, never the server's layout."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return Path(path).name
+
+
+def clamp(value: Any, lo: int, hi: int) -> int:
+    """`value` rounded to an int in [lo, hi] (lo for anything that is not a number)."""
+    try:
+        return int(min(max(round(float(value)), lo), hi))
+    except (TypeError, ValueError):
+        return lo
+
+
+# ---------------------------------------------------------------------------------------------
+# Images in
+# ---------------------------------------------------------------------------------------------
+
+# What a bad image file raises while Pillow decodes it (truncated data, bad chunks, unknown
+# modes); anything else (MemoryError, PermissionError, a bug) is not the user's file's fault.
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _decode_upload(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Gradio's own decoding of an uploaded image, with a bad file's failures (not an image,
+    corrupt, a decompression bomb) turned into a clear `gr.Error` instead of a generic "Error"."""
+
+    @functools.wraps(decode)
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except gr.Error:
+            raise
+        except Image.DecompressionBombError:
+            raise user_error(f"The image is far too large (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels); "
+                             f"the limit is {MAX_PIXELS:,} pixels.") from None
+        except Image.UnidentifiedImageError:
+            raise user_error("That file is not an image that can be read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...).") from None
+        except (PermissionError, MemoryError):
+            raise  # the server's problem, not the file's: logged, reported as such
+        except BAD_IMAGE_ERRORS as err:
+            raise user_error(f"The image could not be read; is the file corrupt or truncated? "
+                             f"({type(err).__name__})") from None
+
+    return preprocess
+
+
+def image_input(label: str = "Image", height: int = 300) -> gr.Image:
+    """An image input for PIL images in their own mode: `image_mode=None` keeps 16-bit, CMYK,
+    alpha and palette images as they are, for the data module's conversion (`to_rgb`) instead of
+    Pillow's lossy one; Gradio has already applied the EXIF rotation."""
+    image = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard", "webcam"], label=label,
+                     height=height)
+    # An instance attribute rather than a subclass: subclassing a Gradio component makes Gradio
+    # write a .pyi stub file next to this module at import time.
+    image.preprocess = _decode_upload(image.preprocess)
+    return image
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """A user's image as fully decoded, upright, 8-bit RGB, or a `gr.Error` saying what is wrong:
+    none, not an image, larger than `MAX_PIXELS`, corrupt or truncated. Any Pillow mode (I;16,
+    CMYK, P, RGBA, LA, L, F, ...) goes through the data module's conversion."""
+    if image is None:
+        raise user_error("No image: upload one, paste one from the clipboard, take a webcam picture or click an example.")
+    if isinstance(image, np.ndarray):
+        try:
+            image = Image.fromarray(image)
+        except (TypeError, ValueError) as err:
+            raise user_error(f"That array is not an image ({err}).") from None
+    if not isinstance(image, Image.Image):
+        raise user_error(f"Not an image: got {type(image).__name__}.")
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise user_error("The image is empty (0 pixels).")
+    if w * h > MAX_PIXELS:
+        raise user_error(f"The image is too large: {w}x{h} = {w * h:,} pixels; the limit is {MAX_PIXELS:,}. "
+                         f"Please send a smaller version.")
+    try:
+        image.load()  # Gradio's image is opened lazily: decoding happens (and fails) here
+        image = ImageOps.exif_transpose(image)
+        return any_mode_to_rgb(image)
+    except (PermissionError, MemoryError):
+        raise
+    except BAD_IMAGE_ERRORS as err:
+        raise user_error(f"The image could not be decoded; is the file corrupt or truncated? "
+                         f"({type(err).__name__})") from None
+
+
+def if_image(fn: Callable, empty: tuple) -> Callable:
+    """`fn` for an image's change event: an emptied image empties the outputs instead of
+    raising "no image" (which the buttons and the API still do)."""
+
+    @functools.wraps(fn)
+    def wrapper(image: Any, *args: Any) -> Any:
+        return empty if image is None else fn(image, *args)
+
+    return wrapper
+
+
+HIDDEN = {"api_visibility": "undocumented"}  # events the page uses that are no API of ours

@@ -1,0 +1,384 @@
+"""Training runs of the Train tab: the data, the model, the engine's events turned into live
+curves and a status line, and the trained model registered in the model picker.
+
+A run is the engine's generator (`vitdemo.engine.train`) driven by the tab's generator handler:
+closing it (Stop) stops between two optimiser steps, and the model as it is then is saved and
+registered. Curves are long-format rows (step, value, series) for `gr.LinePlot`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__, create_model
+from ..checkpoint import preprocessing, read_metadata, save_checkpoint
+from ..data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DataError,
+    ImageData,
+    load_cifar10,
+    load_image_folder,
+    load_zip,
+    model_crop_batch,
+    stratified_split,
+    synthetic_shapes,
+)
+from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, ValidationEvent
+from ..engine import train as engine_train
+from ..model import VisionTransformer
+from . import common, models
+from .common import clamp, log, user_error
+
+SRC_SYNTHETIC = "Synthetic shapes (built-in, offline)"
+SRC_CIFAR = "CIFAR-10 (local folder, else torchvision download)"
+SRC_ZIP = "Uploaded .zip of class folders"
+SOURCES = (SRC_SYNTHETIC, SRC_CIFAR, SRC_ZIP)
+HALF = (0.5, 0.5, 0.5)
+IMAGE_SIZE = 32  # new models read 32 px images: CIFAR-10's size, and the shapes are drawn at it
+SHAPE_CLASSES = 4
+VAL_SHARE = 0.1  # of the images, held out for the validation curve
+MAX_VAL_IMAGES = 1000  # validation several times an epoch must stay cheap
+CURVE_POINTS = 12  # validation points per run (besides the end of each epoch)
+
+MAX_TRAIN_PIXELS = 120_000_000  # images x side^2 held for one run: 40,000 at 32 px, 2,391 at 224 px
+MAX_ZIP_BYTES = 300 * 1024**2  # extracted size of an uploaded zip
+MAX_ZIP_FILES = 20_000
+MAX_FULL_FINETUNE_PARAMS = 30_000_000  # bigger models are fine-tuned with a frozen backbone only (CPU)
+MAX_BIG_FINETUNE_IMAGES = 240  # images for a frozen big backbone (ViT-B: about a minute of feature extraction)
+MAX_PLOT_POINTS = 500  # per plot, all series together: the browser redraws every point on each update
+
+RUNS_ROOT = common.APP_DIR / "runs"  # read as training.RUNS_ROOT at call time (tests move it)
+
+
+def cifar_folders() -> list[Path]:
+    """Where a local copy of CIFAR-10's training images (ImageFolder: <class>/<image>) is looked
+    for, first found first: $VITDEMO_CIFAR10, then ~/.cache/vitdemo/cifar10/train (where
+    `tar -xzf cifar10-train.tar.gz -C ~/.cache/vitdemo` puts it)."""
+    cache = Path(os.environ.get("VITDEMO_CACHE", Path.home() / ".cache" / "vitdemo"))
+    folders = [Path(os.environ["VITDEMO_CIFAR10"])] if os.environ.get("VITDEMO_CIFAR10") else []
+    return [*folders, cache / "cifar10" / "train"]
+
+
+def torchvision_cifar_root() -> Path:
+    return Path(os.environ.get("VITDEMO_CACHE", Path.home() / ".cache" / "vitdemo")) / "torchvision-cifar10"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def shapes(per_class: int, seed: int = 0) -> ImageData:
+    """The built-in shapes, drawn once per server and size (a few seconds for 12,000)."""
+    return synthetic_shapes(num_classes=SHAPE_CLASSES, per_class=per_class, image_size=IMAGE_SIZE, seed=seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _local_cifar(folder: str, per_class: int) -> ImageData:
+    return load_image_folder(folder, IMAGE_SIZE, max_images_per_class=per_class, progress=False)
+
+
+def per_class_subset(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
+    """At most `per_class` images of each class, drawn at random (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.labels == c).flatten()
+        keep.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return data.subset(torch.sort(torch.cat(keep)).values)
+
+
+def load_cifar(per_class: int) -> tuple[ImageData, str]:
+    """CIFAR-10 from a local image folder if there is one, else torchvision's download."""
+    for folder in cifar_folders():
+        if folder.is_dir():
+            return _local_cifar(str(folder), per_class), "CIFAR-10"
+    if (failed := models.MODELS.failure(SRC_CIFAR)) is not None:
+        raise user_error(failed)
+    try:
+        full = load_cifar10(torchvision_cifar_root(), train=True, download=True)
+    except DataError as err:
+        cause = err.__cause__ or err
+        where = " or ".join(f"`{common.shown_path(f)}`" for f in cifar_folders()[-1:])
+        message = (f"CIFAR-10 is not on this server and could not be downloaded (is it offline? "
+                   f"{type(cause).__name__}: {cause}). Put CIFAR-10's training images as class folders in {where} "
+                   f"(or set VITDEMO_CIFAR10 to such a folder), or use the built-in shapes or a .zip of class "
+                   f"folders. The download is not tried again for {round(models.PRETRAINED_RETRY_SECONDS / 60)} "
+                   f"minutes.")
+        models.MODELS.remember_failure(SRC_CIFAR, message)
+        raise user_error(message) from None
+    return per_class_subset(full, per_class), "CIFAR-10"
+
+
+def load_training_data(source: str, zip_file: Any, per_class: int, image_size: int = IMAGE_SIZE,
+                       max_images: int = 1_000_000, prep: dict[str, Any] | None = None,
+                       ) -> tuple[ImageData, tuple, tuple, str]:
+    """(data, mean, std, description) for the tab's data source: at most `per_class` images per
+    class, `max_images` and `MAX_TRAIN_PIXELS` pixels in all, each image made as the model's
+    preprocessing `prep` (if given) will make it at inference. User text never becomes a path:
+    the zip is Gradio's uploaded copy, CIFAR-10 lives in fixed folders."""
+    per_class = clamp(per_class, 2, 5000)
+
+    def fit(classes: int) -> int:  # images per class within the budget
+        return max(2, min(per_class, max_images // classes, MAX_TRAIN_PIXELS // (classes * image_size**2)))
+
+    crop = {"resize": prep.get("resize"), "interpolation": prep.get("interpolation", "bicubic")} if prep else {}
+    if source == SRC_SYNTHETIC:
+        data = shapes(fit(SHAPE_CLASSES))
+        return to_model_size(data, image_size, crop), HALF, HALF, "synthetic shapes"
+    if source == SRC_CIFAR:
+        data, name = load_cifar(fit(10))
+        return to_model_size(data, image_size, crop), CIFAR_MEAN, CIFAR_STD, name
+    if source == SRC_ZIP:
+        path = getattr(zip_file, "name", zip_file)  # a path from gr.File(type="filepath") (or a file object)
+        if not path:
+            raise user_error("Upload a .zip file of class folders first: one folder per class, images inside, "
+                             "two classes or more.")
+        path = Path(path)
+        if path.suffix.lower() != ".zip":
+            raise user_error(f"Expected a .zip file, got a {path.suffix or 'file without extension'}.")
+        data = load_zip(path, image_size=image_size, max_total_bytes=MAX_ZIP_BYTES, max_files=MAX_ZIP_FILES,
+                        max_images_per_class=fit(2), progress=False, **crop)
+        if data.num_classes > 2 and len(data) > data.num_classes * fit(data.num_classes):
+            data = per_class_subset(data, fit(data.num_classes))
+        note = f", {len(data.skipped)} unreadable files skipped" if data.skipped else ""
+        return data, HALF, HALF, f"uploaded zip ({len(data)} images{note})"
+    raise user_error(f"Unknown data source {source!r}; choose one of: {', '.join(SOURCES)}.")
+
+
+def to_model_size(data: ImageData, image_size: int, crop: dict[str, Any]) -> ImageData:
+    """Data drawn at 32 px, made as large as a fine-tuned model reads it, through the same crop
+    and resampling as inference, so training and prediction see the same pixels."""
+    return ImageData(model_crop_batch(data.images, image_size, **crop), data.labels, data.class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One training run of the Train tab."""
+
+    number: int
+    folder: Path
+    model: VisionTransformer | None  # None once registered
+    class_names: list[str]
+    prep: dict[str, Any]
+    recipe: Recipe
+    description: str  # data and model, for the picker name
+    metadata: dict[str, Any]
+    train_data: ImageData | None = None
+    val_data: ImageData | None = None
+    label: str = ""  # prefix of its curves' series names ("from scratch: ") in a comparison
+    steps: int = 0
+    total_steps: int = 0
+    history: dict[str, list] = field(default_factory=dict)
+    last_epoch: EpochEvent | None = None
+    last_val: tuple[float, float] | None = None  # (loss, accuracy) of the latest validation
+    started: float = field(default_factory=time.perf_counter)
+    training_started: float | None = None
+    name: str | None = None  # picker name, once registered
+    checkpoint: Path | None = None
+    message: str = ""
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+_RUN_COUNTER = iter(range(1, 1_000_000))
+_RUN_COUNTER_LOCK = threading.Lock()
+
+
+def frame(rows: list[tuple[int, float, str]], limit: int = MAX_PLOT_POINTS) -> pd.DataFrame:
+    """Long-format (step, value, series) rows for gr.LinePlot, at most `limit` of them: the
+    per-step training points are thinned evenly, the validation points all kept."""
+    train = [r for r in rows if r[2].endswith("train")]
+    other = [r for r in rows if not r[2].endswith("train")]
+    room = max(2, limit - len(other))
+    if len(train) > room:
+        keep = np.unique(np.linspace(0, len(train) - 1, room).round().astype(int))
+        train = [train[i] for i in keep]
+    return pd.DataFrame(train + other, columns=["step", "value", "series"])
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
+
+
+def new_run(model: VisionTransformer, data: ImageData, prep: dict[str, Any], recipe: Recipe, description: str,
+            data_name: str, label: str = "", val_share: float = VAL_SHARE) -> Run:
+    """A run of `model` on `data`, split into training and validation images (stratified)."""
+    if data.num_classes < 2:
+        raise user_error("Training needs at least two classes.")
+    val_size = min(MAX_VAL_IMAGES, max(data.num_classes, round(val_share * len(data))))
+    if len(data) - val_size < data.num_classes:
+        raise user_error(f"Too few images to train and validate: {len(data)} for {data.num_classes} classes; "
+                         f"give each class at least 3 images.")
+    train_idx, val_idx = stratified_split(data.labels, val_size, seed=0)
+    with _RUN_COUNTER_LOCK:
+        number = next(_RUN_COUNTER)
+    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS_ROOT))
+    metadata = {"data": data_name, "trained_in": f"vitdemo {__version__} app"}
+    run = Run(number, folder, model, list(data.class_names), prep, recipe, description, metadata,
+              data.subset(train_idx), data.subset(val_idx), label)
+    run.total_steps = math.ceil(len(run.train_data) / recipe.batch_size) * recipe.epochs
+    return run
+
+
+def new_model(num_classes: int, patch: int, depth: int, width: int) -> VisionTransformer:
+    """A from-scratch ViT of the paper's design for 32 px images (heads of width 32)."""
+    return create_model("vit_cifar_4", num_classes=num_classes, patch_size=patch, depth=depth, embed_dim=width,
+                        num_heads=max(1, width // 32), mlp_dim=2 * width)
+
+
+def finetune_model(base: models.Entry, num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A trainable copy of a model with a new head, and its preprocessing."""
+    model = copy.deepcopy(base.model)
+    model.requires_grad_(True)
+    model.reset_classifier(num_classes)
+    meta = base.meta
+    prep = preprocessing(meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
+                         interpolation=meta.get("interpolation", "bicubic"))
+    return model, prep
+
+
+def recipe_for(epochs: int, lr: float, batch_size: int) -> Recipe:
+    return RECIPES["small-data"].replace(epochs=epochs, batch_size=batch_size, lr=lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: glibc keeps freed activations of steps run in many threads
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_malloc_trim() -> Callable[[], Any] | None:
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc (Linux); elsewhere there is nothing to do
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+TRIM_SECONDS = 1.0  # while training, free memory goes back to the system at most this often
+
+
+def release_memory() -> None:
+    """Give the memory the C allocator holds free back to the system. Training steps run in
+    whichever worker thread Gradio picks, between other requests' allocations, and glibc then
+    keeps the freed activations of every step in fragmented heaps (tests/test_load.py measures
+    the server's memory under load with this in place). A trim takes a few milliseconds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM()
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving the engine
+# ---------------------------------------------------------------------------------------------
+
+
+def events(run: Run, freeze_backbone: bool = False) -> Iterator[StepEvent | ValidationEvent | EpochEvent]:
+    """The engine's events for `run`, recorded into it (curves, history, last validation); the
+    engine's final `DoneEvent` ends the iteration. Closing this generator stops the engine."""
+    steps_per_epoch = run.total_steps // run.recipe.epochs
+    val_every = max(1, run.total_steps // CURVE_POINTS)
+    engine = engine_train(run.model, run.train_data, run.val_data, run.recipe, preprocess=run.prep, out_dir=None,
+                          seed=0, freeze_backbone=freeze_backbone, log_every=max(1, run.total_steps // 150),
+                          val_every=val_every if val_every < steps_per_epoch else None)
+    run.training_started = time.perf_counter()
+    trimmed = time.monotonic()
+    try:
+        for event in engine:
+            if time.monotonic() - trimmed > TRIM_SECONDS:
+                release_memory()
+                trimmed = time.monotonic()
+            if isinstance(event, DoneEvent):
+                return
+            if isinstance(event, StepEvent):
+                run.steps = event.step
+            elif isinstance(event, ValidationEvent):
+                run.last_val = (event.val_loss, event.val_acc)
+            elif isinstance(event, EpochEvent):
+                run.last_epoch = event
+                # The walk-through's history keys, kept for its readers: "test" means validation here.
+                for key, value in (("train_loss", event.train_loss), ("train_acc", event.train_acc),
+                                   ("test_loss", event.val_loss), ("test_acc", event.val_acc)):
+                    run.history.setdefault(key, []).append(value)
+                if event.val_loss is not None:
+                    run.last_val = (event.val_loss, event.val_acc)
+            yield event
+    finally:
+        engine.close()
+
+
+def eta_seconds(run: Run) -> float | None:
+    """Seconds left at the pace so far (validation included), or None before the first steps."""
+    if run.training_started is None or run.steps < 2:
+        return None
+    elapsed = time.perf_counter() - run.training_started
+    return elapsed / run.steps * (run.total_steps - run.steps)
+
+
+def finish(run: Run, stopped: bool) -> None:
+    """Save and register the run's model (finished, or stopped: the weights of its last step)."""
+    try:
+        last = run.last_epoch
+        metrics = None
+        if last is not None:
+            metrics = {"epoch": last.epoch, "train_loss": last.train_loss, "train_acc": last.train_acc,
+                       "val_loss": last.val_loss, "val_acc": last.val_acc}
+        extra = dict(run.metadata, recipe=run.recipe.to_dict(), history=run.history, seed=0, metrics=metrics)
+        if stopped:
+            extra["stopped_at_step"] = run.steps
+        state = "stopped" if stopped else "finished"
+        acc = f", val {run.last_val[1]:.0%}" if run.last_val is not None else ""
+        run.name = f"Run {run.number}: {run.description}{acc} ({state})"
+        run.model.to("cpu").eval()
+        run.checkpoint = save_checkpoint(run.folder / "model.safetensors", run.model, run.class_names, run.prep,
+                                         **extra)
+        models.MODELS.register(run.name, run.model, read_metadata(run.checkpoint), run.checkpoint, RUNS_ROOT)
+        seconds = time.perf_counter() - run.started
+        if stopped:
+            run.message = (f"**Stopped** at step {run.steps} of {run.total_steps} after {duration(seconds)}. The "
+                           f"model as it was then is **{run.name}** in the model picker; its checkpoint is below.")
+        else:
+            val = f": validation accuracy **{models.pct(run.last_val[1])}**" if run.last_val is not None else ""
+            run.message = (f"**Finished** in {duration(seconds)}{val}. The model is **{run.name}** in the model "
+                           f"picker; its checkpoint is below.")
+    except Exception as err:  # noqa: BLE001 - e.g. a full disk: say so, never crash the server
+        log.exception("could not save run %s", run.number)
+        run.message = f"The run could not be saved ({type(err).__name__}); the server log has the details."
+    finally:
+        run.model = None  # the store holds it now (or nobody: it is not needed any more)
+        run.train_data = run.val_data = None
+        run.finished.set()
+
+
+def discard(run: Run, message: str) -> None:
+    """A failed run: nothing was saved, so no folder is left behind."""
+    run.message, run.model = message, None
+    run.train_data = run.val_data = None
+    shutil.rmtree(run.folder, ignore_errors=True)
+    run.finished.set()
