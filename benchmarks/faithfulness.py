@@ -77,7 +77,9 @@ def held_out_images(data_dir: Path, meta: dict, count: int):
     return stratified_sample(val, count)
 
 
-def run(model, meta, images, batch_size: int, seed: int, log=print) -> dict:
+def run(model, meta, images, batch_size: int, seed: int, log=print) -> tuple[dict, dict]:
+    """Every method's curves and AUCs (the JSON's "methods"), and each image's AUC per
+    (method, target, sign) for the paired comparisons."""
     patch = model.config.patch_size
     steps = FT.FRACTIONS[1:]  # the intact images (fraction 0) are evaluated once, shared by all
     # hits[key][target][sign]: list of (steps, batch) bool tensors
@@ -144,7 +146,8 @@ def paired_differences(per_image: dict, against: str = "relevance") -> list[str]
             for key in METHODS:
                 if key != against:
                     d = per_image[key, target, sign] - base
-                    lines.append(f"  {sign:<8} {target:<9} {key:<17} {d.mean():+6.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f}")
+                    se = d.std(ddof=1) / np.sqrt(len(d))
+                    lines.append(f"  {sign:<8} {target:<9} {key:<17} {d.mean():+6.2f} +- {se:.2f}")
     return lines
 
 
@@ -208,7 +211,8 @@ def main() -> None:
     print("\nAUC minus relevance's AUC on the same images (+- standard error of the paired difference):")
     print("\n".join(paired_differences(per_image)))
     if not args.no_save:
-        out = Path(args.out) if args.out else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / FT.RESULTS_NAME
+        folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+        out = Path(args.out) if args.out else folder / FT.RESULTS_NAME
         out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"\nwritten to {out}")
 

@@ -87,7 +87,8 @@ def explain(
     else:
         mask = vz.attention_rollout(attentions, head_fusion=fusion, discard_ratio=discard, grid_size=(gh, gw))[0]
         how = f"attention rollout, {fusion} over heads, discard ratio {discard:.2f}"
-    rollout = vz.overlay(models.model_view(rgb, picked.meta, VIEW_SIZE), mask, alpha=alpha)
+    rollout = vz.overlay(rgb, mask, alpha=alpha, size=VIEW_SIZE, image_size=config.image_size[0],
+                         **models.crop_of(picked.meta))
 
     layer_index = clamp(layer, 1, len(attentions)) - 1
     if query == QUERY_PATCH:

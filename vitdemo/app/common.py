@@ -16,11 +16,10 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..checkpoint import CheckpointError
-from ..data import DataError
-from ..data import to_rgb as any_mode_to_rgb  # the library's one conversion of any Pillow mode to RGB
+from ..data import DataError, decode_rgb, is_bad_image_error
 from ..engine import TrainingError
 
 log = logging.getLogger("vitdemo.app")
@@ -85,11 +84,6 @@ def clamp(value: Any, lo: int, hi: int) -> int:
 # Images in
 # ---------------------------------------------------------------------------------------------
 
-# What a bad image file raises while Pillow decodes it (truncated data, bad chunks, unknown
-# modes); anything else (MemoryError, PermissionError, a bug) is not the user's file's fault.
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
 def _decode_upload(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Gradio's own decoding of an uploaded image, with a bad file's failures (not an image,
     corrupt, a decompression bomb) turned into a clear `gr.Error` instead of a generic "Error"."""
@@ -105,9 +99,9 @@ def _decode_upload(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
                              f"the limit is {MAX_PIXELS:,} pixels.") from None
         except Image.UnidentifiedImageError:
             raise user_error("That file is not an image that can be read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...).") from None
-        except (PermissionError, MemoryError):
-            raise  # the server's problem, not the file's: logged, reported as such
-        except BAD_IMAGE_ERRORS as err:
+        except Exception as err:
+            if not is_bad_image_error(err):
+                raise  # the server's problem or a bug, not the file's: `user_errors` logs it
             raise user_error(f"The image could not be read; is the file corrupt or truncated? "
                              f"({type(err).__name__})") from None
 
@@ -146,14 +140,9 @@ def to_rgb(image: Any) -> Image.Image:
         raise user_error(f"The image is too large: {w}x{h} = {w * h:,} pixels; the limit is {MAX_PIXELS:,}. "
                          f"Please send a smaller version.")
     try:
-        image.load()  # Gradio's image is opened lazily: decoding happens (and fails) here
-        image = ImageOps.exif_transpose(image)
-        return any_mode_to_rgb(image)
-    except (PermissionError, MemoryError):
-        raise
-    except BAD_IMAGE_ERRORS as err:
-        raise user_error(f"The image could not be decoded; is the file corrupt or truncated? "
-                         f"({type(err).__name__})") from None
+        return decode_rgb(image)  # Gradio's image is opened lazily: decoding happens (and fails) here
+    except DataError as err:
+        raise user_error(f"The image could not be decoded; is the file corrupt or truncated? ({err})") from None
 
 
 def if_image(fn: Callable, empty: tuple) -> Callable:

@@ -203,14 +203,10 @@ def model_input(image: Image.Image, meta: dict[str, Any]) -> torch.Tensor:
                       interpolation=meta.get("interpolation", "bicubic"))
 
 
-def model_view(image: Image.Image, meta: dict[str, Any], size: int) -> Image.Image:
-    """The part of `image` the model sees (its centre crop, after resizing the shorter side to
-    `resize`), drawn at size x size: maps computed on the model's grid line up with it."""
-    w, h = image.size
-    image_size = meta["image_size"]
-    crop = min(w, h) * image_size / (meta.get("resize") or image_size)
-    left, top = (w - crop) / 2, (h - crop) / 2
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + crop, top + crop))
+def crop_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The model's crop settings, for the library's pictures (`visualize.overlay`, `patch_grid`):
+    every picture is drawn over exactly the pixels the model read (`vitdemo.data.model_crop`)."""
+    return {"resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +255,7 @@ def _prepare_runtime(model_entry: Entry, runtime: str) -> Callable:
     try:
         if runtime == "int8" and (shipped := shipped_int8(model_entry)):
             try:
-                return load_onnx(shipped, model_entry.model)
+                return load_onnx(shipped, model_entry.model, precision="int8")
             except ValueError:
                 pass  # exported from other weights: export afresh (to a temporary file)
         return prepare(model_entry.model, runtime)  # an ONNX export goes to a temporary file
@@ -366,6 +362,6 @@ def refresh_picker(current: str | None) -> Any:
 
 __all__ = [
     "MODELS", "PRETRAINED", "SHIPPED", "Entry", "ModelStore", "count_parameters", "entry", "model_card",
-    "model_choices", "model_input", "model_note", "model_runner", "model_spec", "model_view", "picker_update",
+    "crop_of", "model_choices", "model_input", "model_note", "model_runner", "model_spec", "picker_update",
     "refresh_picker",
 ]

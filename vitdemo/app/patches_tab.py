@@ -20,7 +20,7 @@ def patches(image: Any, model_name: str = SHIPPED) -> tuple[Image.Image, Image.I
     rgb = to_rgb(image)
     config, meta = models.model_spec(model_name)
     size, p = config.image_size[0], config.patch_size
-    grid, strip = vz.patch_grid(models.model_view(rgb, meta, size), p)
+    grid, strip = vz.patch_grid(rgb, p, size, **models.crop_of(meta))
     gh, gw = config.grid_size
     n = gh * gw
     text = (f"{size}x{size} pixels cut into {gh}x{gw} = **{n} patches of {p}x{p}** pixels -> **{n} tokens**, each "

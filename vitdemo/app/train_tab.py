@@ -107,7 +107,7 @@ def _status(run: Run, event: Any) -> str:
     eta = training.eta_seconds(run)
     left = f", about {training.duration(eta)} left" if eta is not None else ""
     val = f", validation accuracy **{run.last_val[1]:.1%}**" if run.last_val is not None else ""
-    who = f"{run.label.capitalize()}: " if run.label else ""
+    who = run.label.capitalize()
     if isinstance(event, EpochEvent):
         return (f"{who}**Epoch {event.epoch}/{event.epochs} done** in {training.duration(event.seconds)}: train "
                 f"accuracy {event.train_acc:.1%}{val}{left}")
@@ -123,6 +123,15 @@ def _drive(runs: list[Run], rows: dict[str, list], freeze: bool = False) -> Iter
     """Run each of `runs` in turn, recording their curves in `rows` and yielding (loss, accuracy,
     status) as they go; each run is saved and registered when it ends (Stop included)."""
     try:
+        # Every series starts at step 0 (chance, for a new model): the plot takes its legend and
+        # colours from the series of its first frame, so all of them must be in it.
+        for run in runs:
+            train_loss, train_acc, val_loss, val_acc = training.starting_point(run)
+            run.last_val = (val_loss, val_acc)
+            rows["loss"] += [(0, train_loss, f"{run.label}train"), (0, val_loss, f"{run.label}validation")]
+            rows["acc"] += [(0, 100 * train_acc, f"{run.label}train"), (0, 100 * val_acc, f"{run.label}validation")]
+        yield (*_curves(rows), f"Step 0: validation accuracy **{runs[0].last_val[1]:.1%}** before training "
+                               f"(chance: {1 / runs[0].val_data.num_classes:.0%}); training...")
         for run in runs:
             done = False
             try:
@@ -177,7 +186,7 @@ def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int 
     """Train and stream the curves: yields (loss DataFrame, accuracy DataFrame, status Markdown,
     model picker update, checkpoint file). The finished model, or the model as it is when the
     generator is closed (Stop), becomes a selectable model and its checkpoint a download."""
-    empty = training.frame([])
+    empty = None  # no plot until the first frame, which holds every series (see _drive)
     yield empty, empty, "Loading the data...", gr.skip(), None
     try:
         run, freeze = _prepare(source, zip_file, _settings(per_class, patch, depth, width, epochs, lr, batch_size),
@@ -207,7 +216,7 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
     """The same small data (`COMPARE_PER_CLASS` images per class) trained twice with the same
     recipe and steps: a new model of the picked model's architecture from scratch, then the picked
     model fine-tuned. Both validation curves share one plot, so the effect of pre-training shows."""
-    empty = training.frame([])
+    empty = None  # no plot until the first frame, which holds every series (see _drive)
     yield empty, empty, "Loading the data...", gr.skip(), None
     try:
         base = models.entry(model_name)

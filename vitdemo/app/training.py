@@ -39,7 +39,7 @@ from ..data import (
     stratified_split,
     synthetic_shapes,
 )
-from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, ValidationEvent
+from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, ValidationEvent, evaluate
 from ..engine import train as engine_train
 from ..model import VisionTransformer
 from . import common, models
@@ -215,7 +215,12 @@ def frame(rows: list[tuple[int, float, str]], limit: int = MAX_PLOT_POINTS) -> p
     if len(train) > room:
         keep = np.unique(np.linspace(0, len(train) - 1, room).round().astype(int))
         train = [train[i] for i in keep]
-    return pd.DataFrame(train + other, columns=["step", "value", "series"])
+    rows = train + other
+    # Typed columns even when empty: the plot fixes its axes' kind (numeric or not) from the
+    # first frame it gets, and later frames only send differences.
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "value": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="object")})
 
 
 def duration(seconds: float) -> str:
@@ -331,6 +336,18 @@ def events(run: Run, freeze_backbone: bool = False) -> Iterator[StepEvent | Vali
             yield event
     finally:
         engine.close()
+
+
+def starting_point(run: Run) -> tuple[float, float, float, float]:
+    """(train loss, train accuracy, validation loss, validation accuracy) before the first step:
+    where both curves start (chance, for a new model). The training figures are on up to
+    `MAX_VAL_IMAGES` training images spread over the set, without augmentation."""
+    mean, std = run.prep["mean"], run.prep["std"]
+    n = len(run.train_data)
+    sample = run.train_data.subset(torch.linspace(0, n - 1, min(n, MAX_VAL_IMAGES)).round().long().unique())
+    train_loss, train_acc, _ = evaluate(run.model, sample, mean, std)
+    val_loss, val_acc, _ = evaluate(run.model, run.val_data, mean, std)
+    return train_loss, train_acc, val_loss, val_acc
 
 
 def eta_seconds(run: Run) -> float | None:
