@@ -85,37 +85,59 @@ def visible_tab(page):
     return page.locator("[role=tabpanel]:visible").first
 
 
-def open_tab(page, name: str, picture: Path | None = None):
-    """Click a tab; upload `picture` into its image input if given. Returns the tab's panel."""
+def open_tab(page, name: str):
+    """Click a tab. Returns the tab's panel."""
     page.get_by_role("tab", name=name).click()
-    if picture is not None:
-        upload(page.locator("[role=tabpanel]:visible"), picture)
     return visible_tab(page)
+
+
+def drawn_series(page, plot_title: str) -> dict[str, int]:
+    """The series a visible line plot draws, with the points of each: its legend's labels, and
+    for each the number of points of its line mark (Vega's SVG), read from the browser's DOM."""
+    return page.evaluate(
+        """(title) => {
+            const plots = [...document.querySelectorAll('[role=tabpanel] .vega-embed')].filter(
+                p => p.offsetParent !== null && p.querySelector(`[aria-label="Title text '${title}'"]`));
+            if (plots.length !== 1) return {error: plots.length};
+            const svg = plots[0];
+            const legend = [...svg.querySelectorAll('.role-legend-label text')].map(t => t.textContent);
+            const out = {};
+            for (const name of legend) {
+                const points = [...svg.querySelectorAll('[aria-label]')].filter(
+                    e => (e.getAttribute('aria-label') || '').endsWith(`series: ${name}`));
+                const lines = [...svg.querySelectorAll('.mark-line path')].filter(
+                    p => (p.getAttribute('d') || '').length > 0);
+                out[name] = points.length;
+                out['lines'] = lines.length;
+            }
+            return out;
+        }""", plot_title)
 
 
 def test_classify_an_uploaded_image(page, picture):
     upload(page, picture)
-    page.get_by_role("button", name="Classify").click()
     label = page.get_by_test_id("label-output-value")
-    label.wait_for()
+    label.wait_for()  # classified as soon as the image arrives
     assert re.search(r"airplane|automobile|bird|cat|deer|dog|frog|horse|ship|truck", label.inner_text())
+    page.get_by_role("button", name="Classify").click()
     page.get_by_text(re.compile(r"\d+(\.\d+)? ms")).first.wait_for()
     shot(page, "classify")
 
 
-def test_every_tab_shows_its_picture(page, picture):
-    panel = open_tab(page, "Patches", picture)
-    panel.get_by_role("button", name="Cut into patches").click()
+def test_one_upload_shows_in_every_tab(page, picture):
+    upload(page, picture)
+    page.get_by_test_id("label-output-value").wait_for()
+    panel = open_tab(page, "Patches")
     panel.get_by_text(re.compile(r"patches of \d+x\d+")).first.wait_for()
     page.get_by_text("processing").first.wait_for(state="hidden")
+    assert panel.locator("img").count() >= 2
     shot(page, "patches")
 
     panel = open_tab(page, "Position embeddings")
     panel.locator("img").first.wait_for()
     shot(page, "position_embeddings")
 
-    panel = open_tab(page, "Attention", picture)
-    panel.get_by_role("button", name="Explain").click()
+    panel = open_tab(page, "Attention")
     panel.get_by_text(re.compile(r"Predicted .* over \d+ layers")).first.wait_for()
     page.get_by_text("processing").first.wait_for(state="hidden")
     assert panel.locator(".block", has_text="Rollout").locator("img").count() >= 1
@@ -127,17 +149,27 @@ def test_every_tab_shows_its_picture(page, picture):
     shot(page, "about")
 
 
-def test_start_training_see_the_plot_update_and_stop(page):
+def test_default_training_run_draws_both_curves(page):
+    """Every input at its default: the run the README shows. Both series are drawn, not only sent."""
     panel = open_tab(page, "Train")
     panel.get_by_role("button", name="Start training").click()
-    status = page.locator(".status-line")
-    # Several updates in: the curves have more than one point.
-    status.get_by_text(re.compile(r"step (\d\d+)/")).first.wait_for(timeout=120_000)
-    # The loss plot has drawn its marks (Vega renders an SVG or canvas inside the plot).
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[role=tabpanel]')].some(p => p.offsetParent !== null"
-        " && p.querySelectorAll('canvas, svg .mark-line, svg path').length > 0)", timeout=120_000)
+    status = page.locator(".status-line").first
+    status.get_by_text(re.compile(r"Finished")).wait_for(timeout=600_000)
+    page.wait_for_timeout(1000)
+    for title in ("Loss", "Accuracy (%)"):
+        drawn = drawn_series(page, title)
+        assert set(drawn) == {"train", "validation", "lines"}, drawn
+        assert drawn["lines"] >= 2 and drawn["validation"] >= 8, drawn
+    final = float(re.search(r"validation accuracy (\d+\.\d)%", status.inner_text()).group(1))
+    assert final >= 90
     shot(page, "train")
+
+
+def test_stop_keeps_the_model(page):
+    panel = open_tab(page, "Train")
+    panel.get_by_role("button", name="Start training").click()
+    status = page.locator(".status-line").first
+    status.get_by_text(re.compile(r"Step (\d\d+)/")).first.wait_for(timeout=120_000)
     panel.get_by_role("button", name="Stop").click()
     status.get_by_text(re.compile(r"stopped", re.I)).first.wait_for(timeout=120_000)
     shot(page, "train_stopped")

@@ -27,8 +27,8 @@ LR_RANGE = (1e-5, 1e-2)
 # Each source's defaults, measured on 2 CPU cores with `python benchmarks/bench.py train-tab`:
 # the shapes reach 90% validation accuracy in well under a minute, CIFAR-10 50% within 3 minutes.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    SRC_SYNTHETIC: {"per_class": 3000, "patch": 8, "depth": 4, "width": 96, "epochs": 6, "lr": 3e-3, "batch": 128},
-    SRC_CIFAR: {"per_class": 2000, "patch": 8, "depth": 4, "width": 128, "epochs": 6, "lr": 2e-3, "batch": 128},
+    SRC_SYNTHETIC: {"per_class": 4000, "patch": 8, "depth": 4, "width": 96, "epochs": 5, "lr": 3e-3, "batch": 128},
+    SRC_CIFAR: {"per_class": 4000, "patch": 8, "depth": 4, "width": 128, "epochs": 8, "lr": 2e-3, "batch": 128},
     SRC_ZIP: {"per_class": 300, "patch": 8, "depth": 4, "width": 96, "epochs": 10, "lr": 2e-3, "batch": 32},
 }
 COMPARE_PER_CLASS = 100  # images per class in the comparison: little data is where pre-training shows
@@ -179,8 +179,8 @@ def _failed_start(err: Exception) -> str:
     return f"Could not start training ({type(err).__name__}); the server log has the details."
 
 
-def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int = 3000, patch: int = 8,
-              depth: int = 4, width: int = 96, epochs: int = 6, lr: float = 3e-3, batch_size: int = 128,
+def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int = 4000, patch: int = 8,
+              depth: int = 4, width: int = 96, epochs: int = 5, lr: float = 3e-3, batch_size: int = 128,
               finetune: bool = False, freeze_backbone: bool = False, model_name: str = SHIPPED,
               request: gr.Request = None) -> Iterator[tuple[Any, Any, str, Any, Any]]:
     """Train and stream the curves: yields (loss DataFrame, accuracy DataFrame, status Markdown,
