@@ -60,7 +60,7 @@ def test_classify_returns_probabilities_and_time(photo):
     assert list(probs.values()) == sorted(probs.values(), reverse=True)
     # No int8 export lies beside the stand-in model, so "auto" runs the prepacked fp32 model.
     assert timing["ms"] > 0 and timing["runtime"] == ("packed" if packing_available() else "eager")
-    assert "ms" in classify_tab.timing_text(timing)
+    assert "ms" in classify_tab.answer_note(timing) and "4 classes" in classify_tab.answer_note(timing)
 
 
 def test_every_runtime_gives_the_same_classes(photo):

@@ -15,7 +15,7 @@ import gradio as gr
 
 from . import about_tab, attention_tab, classify_tab, common, models, patches_tab, position_tab, train_tab
 from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, if_image, image_input
-from .examples import draw_examples
+from .examples import draw_examples, photos
 from .models import MODELS, SHIPPED
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
@@ -48,7 +48,8 @@ def select_model(name: str | None) -> tuple[Any, ...]:
 
 def build_demo() -> gr.Blocks:
     """The app. Launch it with `demo.launch(**launch_options())`."""
-    examples = [[str(p)] for p in draw_examples(common.APP_DIR / "examples")]
+    drawn = [[str(p)] for p in draw_examples(common.APP_DIR / "examples")]
+    photographs = [[str(p)] for p in photos()]
     with gr.Blocks(title="vitdemo: An Image is Worth 16x16 Words", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# vitdemo: the Vision Transformer, explained\n"
                     "An image cut into patches, each patch a word, read by a Transformer "
@@ -62,7 +63,9 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=1):
                 image = image_input("Image (used by every tab)", height=260)
             with gr.Column(scale=1):
-                gr.Examples(examples, inputs=image, label="Examples (drawn pictures)")
+                if photographs:
+                    gr.Examples(photographs, inputs=image, label="Photos (shipped with gradio)")
+                gr.Examples(drawn, inputs=image, label="Drawn pictures")
 
         with gr.Tabs():
             with gr.Tab("Classify", id="classify"):
@@ -104,7 +107,7 @@ def build_demo() -> gr.Blocks:
         image.change(if_image(classify_tab.classify, (None, None)), [image, picker, classify_ui["runtime"]],
                      classify_outputs, api_name="classify_on_change", concurrency_limit=3,
                      concurrency_id="classify", **HIDDEN).success(
-            classify_tab.timing_text, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
+            classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
         image.change(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs,
                      api_name="patches_on_change", **view, **HIDDEN)
         image.change(if_image(attention_tab.explain, (None, [], None, "", None)), attn_inputs, attn_outputs,

@@ -8,8 +8,9 @@ from typing import Any
 import gradio as gr
 import torch
 
+from .. import ood
 from . import models
-from .common import HIDDEN, to_rgb, user_errors
+from .common import HIDDEN, ModelUnavailable, to_rgb, user_errors
 from .models import RUNTIME_CHOICES, RUNTIME_NAMES, SHIPPED
 
 TOP_K = 10  # classes returned by `classify` (the label shows the top 5)
@@ -17,8 +18,10 @@ TOP_K = 10  # classes returned by `classify` (the label shows the top 5)
 
 @user_errors
 def classify(image: Any, model_name: str = SHIPPED, runtime: str = "auto") -> tuple[dict[str, float], dict[str, Any]]:
-    """Class probabilities (the `TOP_K` most likely, all of them for up to 10 classes), and the
-    time taken in milliseconds (preprocessing and forward pass) with the runtime that ran."""
+    """Class probabilities (the `TOP_K` most likely, all of them for up to 10 classes), and what
+    the answer stands on: the time taken in milliseconds (preprocessing and forward pass) with the
+    runtime that ran, the image's size, and the out-of-distribution verdict where the model
+    carries the statistics for one (`vitdemo.ood`)."""
     rgb = to_rgb(image)
     picked = models.entry(model_name)
     run, resolved = models.model_runner(picked, runtime)
@@ -30,14 +33,45 @@ def classify(image: Any, model_name: str = SHIPPED, runtime: str = "auto") -> tu
     top = probs.topk(min(TOP_K, probs.numel()))
     names = picked.meta["class_names"]
     labels = {names[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
-    return labels, {"ms": ms, "runtime": resolved}
+    info = {"ms": ms, "runtime": resolved, "size": list(rgb.size), "model": model_name or SHIPPED}
+    if ood.has_stats(picked.meta):
+        verdict = ood.check(picked.model, x, picked.meta)[0]
+        info["ood"] = {"score": verdict.score, "threshold": verdict.threshold, "flagged": verdict.flagged,
+                       "relative": verdict.relative, "rate": picked.meta["ood"].get("false_alarm_rate", 0.05)}
+    return labels, info
 
 
-def timing_text(timing: dict[str, Any] | None) -> str:
-    if not timing:
+def answer_note(info: dict[str, Any] | None) -> str:
+    """What the answer can and cannot mean: the model's classes and input size, a warning for an
+    image unlike the training data or far smaller than the model's input, and the time taken."""
+    if not info:
         return ""
-    return (f"Inference: **{timing['ms']:.1f} ms** with {RUNTIME_NAMES[timing['runtime']]} (preprocessing and "
-            f"forward pass, {torch.get_num_threads()} CPU threads).")
+    try:
+        config, meta = models.model_spec(info.get("model"))
+    except ModelUnavailable:
+        return ""
+    names = list(meta["class_names"])
+    side = config.image_size[0]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    lines = [f"This model knows **{len(names)} classes** ({shown}) and reads **{side}x{side} pixels**: "
+             f"every answer is one of these classes."]
+    w, h = info.get("size", (side, side))
+    if min(w, h) < side / 2:
+        lines.append(f"⚠️ **Tiny image** ({w}x{h} pixels): the model reads {side}x{side}, so it was enlarged; "
+                     f"the details it would need are not there. Treat the answer as a guess.")
+    verdict = info.get("ood")
+    if verdict and verdict["flagged"]:
+        lines.append(f"⚠️ **This image looks unlike the model's training data** (out-of-distribution score "
+                     f"{verdict['relative']:.1f}x the threshold that {1 - verdict['rate']:.0%} of held-out "
+                     f"training-like images stay under). The model still has to pick one of its {len(names)} "
+                     f"classes, so the answer below is likely meaningless.")
+    elif verdict:
+        lines.append(f"The image is close enough to the training data to trust the answer as far as the model's "
+                     f"accuracy goes (out-of-distribution score {verdict['relative']:.1f}x the threshold).")
+    if "ms" in info:
+        lines.append(f"Inference: {info['ms']:.1f} ms with {RUNTIME_NAMES[info['runtime']]} (preprocessing and "
+                     f"forward pass, {torch.get_num_threads()} CPU threads).")
+    return "\n\n".join(lines)
 
 
 def create_ui() -> dict[str, Any]:
@@ -49,8 +83,8 @@ def create_ui() -> dict[str, Any]:
                                        "An ONNX export takes seconds on first use.")
             button = gr.Button("Classify", variant="primary")
         with gr.Column():
+            timing = gr.Markdown(elem_classes="answer-note")
             label = gr.Label(num_top_classes=5, label="Top 5")
-            timing = gr.Markdown()
     return {"runtime": runtime, "button": button, "label": label, "timing": timing, "ms": gr.State(None)}
 
 
@@ -59,4 +93,4 @@ def wire(ui: dict[str, Any], image: gr.Image, picker: gr.Dropdown) -> None:
     inputs = [image, picker, ui["runtime"]]
     same_queue = {"concurrency_limit": 3, "concurrency_id": "classify"}
     ui["button"].click(classify, inputs, outputs, api_name="classify", **same_queue).success(
-        timing_text, ui["ms"], ui["timing"], **HIDDEN)
+        answer_note, ui["ms"], ui["timing"], **HIDDEN)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gradio.media
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -67,3 +68,20 @@ def draw_examples(folder: Path, size: int = 128) -> list[Path]:
     folder_files.append(path)
     return folder_files
 
+
+
+PHOTOS = ("cheetah1.jpg", "lion.jpg", "bus.png", "tower.jpg")  # photos the gradio package ships
+
+
+def photos() -> list[Path]:
+    """Real photos for the examples, from the gradio package itself (nothing is downloaded);
+    those missing from this gradio version are left out."""
+    found = []
+    for name in PHOTOS:
+        try:
+            path = Path(gradio.media.get_image(name))
+        except (FileNotFoundError, ValueError):
+            continue
+        if path.is_file():
+            found.append(path)
+    return found

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__, create_model
+from .. import __version__, create_model, ood
 from ..checkpoint import preprocessing, read_metadata, save_checkpoint
 from ..data import (
     CIFAR_MEAN,
@@ -373,6 +373,10 @@ def finish(run: Run, stopped: bool) -> None:
         acc = f", val {run.last_val[1]:.0%}" if run.last_val is not None else ""
         run.name = f"Run {run.number}: {run.description}{acc} ({state})"
         run.model.to("cpu").eval()
+        try:  # the out-of-distribution statistics, as the engine fits them for the checkpoints it saves
+            extra["ood"] = ood.fit(run.model, run.train_data, run.val_data, run.prep)
+        except (ValueError, RuntimeError) as err:  # e.g. too few images for a covariance: no warning, no failure
+            log.warning("run %s: no out-of-distribution statistics (%s)", run.number, err)
         run.checkpoint = save_checkpoint(run.folder / "model.safetensors", run.model, run.class_names, run.prep,
                                          **extra)
         models.MODELS.register(run.name, run.model, read_metadata(run.checkpoint), run.checkpoint, RUNS_ROOT)
