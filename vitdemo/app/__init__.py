@@ -109,7 +109,7 @@ def build_demo() -> gr.Blocks:
                      concurrency_id="classify", **HIDDEN).success(
             classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
         image.change(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs,
-                     api_name="patches_on_change", **view, **HIDDEN)
+                     api_name="patches", **view)
         image.change(if_image(attention_tab.explain, (None, [], None, "", None)), attn_inputs, attn_outputs,
                      api_name="explain_on_change", **view, **HIDDEN)
 
