@@ -98,7 +98,7 @@ def test_classify_under_load_while_training(app, tmp_path):
     trainer = _client(app, tmp_path)
     job = trainer.submit(training.SRC_SYNTHETIC, None, *TRAIN.values(), False, False, models.SHIPPED, api_name="/train")
     deadline = time.monotonic() + 120
-    while not any(len(out[0]["data"]) for out in job.outputs()) and time.monotonic() < deadline:
+    while not any(out[0] and len(out[0]["data"]) for out in job.outputs()) and time.monotonic() < deadline:
         assert not job.done(), job.exception()
         time.sleep(0.1)
     (run,) = _running()
