@@ -39,6 +39,8 @@ def curve(outputs, t0: float) -> tuple[dict[str, list[tuple[float, int, float]]]
     status = ""
     for _, acc, status, *_ in outputs:
         now = time.perf_counter() - t0
+        if acc is None:  # no curve yet
+            continue
         for series in sorted(set(acc["series"])):
             if not series.endswith("validation"):
                 continue

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -122,17 +124,26 @@ def _mosaic(tiles: np.ndarray, gap: int = 1, fill: float = np.nan) -> np.ndarray
     return out
 
 
-def plot_position_embedding_similarity(similarity: Tensor) -> Figure:
+def plot_position_embedding_similarity(similarity: Tensor, highlight: tuple[int, int] | None = None) -> Figure:
     """The layout of Fig. 7 (centre): tile (r, c) shows how similar position (r, c) is to
-    every position; tiles are placed in the image's own grid."""
+    every position; tiles are placed in the image's own grid. `highlight` (row, column),
+    0-based, outlines that position's tile in red."""
     gh, gw = similarity.shape[:2]
+    gap = max(1, gh // 7)
     fig = Figure(figsize=(7, 7 * gh / gw + 0.6), layout="constrained")
     ax = fig.subplots()
-    im = ax.imshow(_mosaic(similarity.numpy(), gap=max(1, gh // 7)), cmap="viridis", vmin=-1, vmax=1)
+    im = ax.imshow(_mosaic(similarity.numpy(), gap=gap), cmap="viridis", vmin=-1, vmax=1)
     ax.set(title="Position embedding similarity", xlabel="input patch column", ylabel="input patch row")
-    ax.set_xticks([(c + 0.5) * (gw + max(1, gh // 7)) - 1 for c in range(gw)], range(1, gw + 1))
-    ax.set_yticks([(r + 0.5) * (gh + max(1, gh // 7)) - 1 for r in range(gh)], range(1, gh + 1))
+    ax.set_xticks([(c + 0.5) * (gw + gap) - 1 for c in range(gw)], range(1, gw + 1))
+    ax.set_yticks([(r + 0.5) * (gh + gap) - 1 for r in range(gh)], range(1, gh + 1))
     ax.tick_params(length=0, labelsize=7)
+    if highlight is not None:
+        r, c = highlight
+        if not (0 <= r < gh and 0 <= c < gw):
+            raise ValueError(f"highlight must be a (row, column) of the {gh}x{gw} grid, got {highlight}")
+        # Pixel (i, j) of the mosaic is centred on (j, i): a tile spans [start - 0.5, start + size - 0.5].
+        ax.add_patch(Rectangle((c * (gw + gap) - 0.5, r * (gh + gap) - 0.5), gw, gh, fill=False, edgecolor="red",
+                               linewidth=2.5))
     fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
     return fig
 
@@ -317,10 +328,14 @@ def overlay(image: Image.Image, mask: Tensor | np.ndarray, alpha: float = 0.5, c
     return Image.fromarray((blended.clip(0, 1) * 255).round().astype(np.uint8))
 
 
-def heatmap(mask: Tensor | np.ndarray, size: int = 96, cmap: str = "inferno") -> Image.Image:
-    """One (h, w) map as a colour image, min-max scaled, enlarged without smoothing."""
+def heatmap(mask: Tensor | np.ndarray, size: int = 96, cmap: str = "inferno", vmin: float | None = None,
+            vmax: float | None = None) -> Image.Image:
+    """One (h, w) map as a colour image, enlarged without smoothing: `vmin` to `vmax` spans the
+    colour map (each defaults to the map's own minimum or maximum: min-max scaled)."""
     m = np.asarray(mask, dtype=np.float32)
-    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+    lo = float(m.min()) if vmin is None else vmin
+    hi = float(m.max()) if vmax is None else vmax
+    m = ((m - lo) / max(hi - lo, 1e-12)).clip(0, 1)
     img = Image.fromarray((colormaps[cmap](m)[..., :3] * 255).astype(np.uint8))
     return img.resize((size, size * m.shape[0] // m.shape[1]), Image.Resampling.NEAREST)
 
@@ -353,7 +368,8 @@ def mean_attention_distance(attentions: Sequence[Tensor], patch_size: int,
 
 
 def plot_mean_attention_distance(distances: Tensor, image_size: int | None = None) -> Figure:
-    """One dot per head against network depth (Fig. 7, right)."""
+    """One dot per head against network depth (Fig. 7, right); layers are numbered from 1 and
+    the depth axis has whole-number ticks only."""
     fig = Figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
     layers, heads = distances.shape
@@ -361,6 +377,8 @@ def plot_mean_attention_distance(distances: Tensor, image_size: int | None = Non
         ax.scatter(range(1, layers + 1), distances[:, h].numpy(), s=14, alpha=0.8)
     ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)",
            title="Mean attention distance per head")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a layer is a whole number: 1, 2, 3, not 1.5
+    ax.set_xlim(0.5, layers + 0.5)
     if image_size:
         ax.set_ylim(0, image_size * 0.75)
     ax.grid(alpha=0.3)

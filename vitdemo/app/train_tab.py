@@ -229,7 +229,8 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
         split = {"val_share": COMPARE_VAL_SHARE}
         recipe = training.recipe_for(COMPARE_EPOCHS, 1e-3, 32)
         tuned, prep = training.finetune_model(base, data.num_classes)
-        scratch = VisionTransformer(base.model.config.replace(num_classes=data.num_classes))
+        with training.fixed_seed():
+            scratch = VisionTransformer(base.model.config.replace(num_classes=data.num_classes))
         label = f"{name}, {data.num_classes} classes, {COMPARE_PER_CLASS} images each"
         runs = [training.new_run(scratch, data, prep, recipe, f"{label}, {SCRATCH}", name, f"{SCRATCH}: ", **split),
                 training.new_run(tuned, data, prep, recipe, f"{label}, {FINETUNED}", name, f"{FINETUNED}: ", **split)]
