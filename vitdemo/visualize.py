@@ -130,7 +130,7 @@ def plot_position_embedding_similarity(similarity: Tensor, highlight: tuple[int,
     0-based, outlines that position's tile in red."""
     gh, gw = similarity.shape[:2]
     gap = max(1, gh // 7)
-    fig = Figure(figsize=(7, 7 * gh / gw + 0.6), layout="constrained")
+    fig = Figure(figsize=(7, 5.8 * gh / gw + 0.9), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(_mosaic(similarity.numpy(), gap=gap), cmap="viridis", vmin=-1, vmax=1)
     ax.set(title="Position embedding similarity", xlabel="input patch column", ylabel="input patch row")

@@ -33,7 +33,8 @@ def launch_options() -> dict[str, Any]:
 
 def select_model(name: str | None) -> tuple[Any, ...]:
     """Everything that changes with the model picker: the note, the card, the sliders' ranges
-    (layers, patch rows and columns) and the attention cache (emptied)."""
+    (layers, patch rows and columns), the attention cache (emptied), and the Attention tab's class
+    picker and faithfulness table (`attention_tab.model_views`)."""
     note = models.model_note(name)
     card = models.model_card(name)
     try:
@@ -43,7 +44,8 @@ def select_model(name: str | None) -> tuple[Any, ...]:
         gh = gw = depth = 1
     rows = gr.update(maximum=max(gh, 2), value=(gh + 1) // 2)
     cols = gr.update(maximum=max(gw, 2), value=(gw + 1) // 2)
-    return note, card, gr.update(maximum=max(depth, 2), value=depth), rows, cols, rows, cols, None
+    return (note, card, gr.update(maximum=max(depth, 2), value=depth), rows, cols, rows, cols, None,
+            *attention_tab.model_views(name))
 
 
 def build_demo() -> gr.Blocks:
@@ -84,7 +86,8 @@ def build_demo() -> gr.Blocks:
         # -- wiring ----------------------------------------------------------------------------
         view = {"concurrency_limit": 2, "concurrency_id": "views"}
         model_outputs = [note, about_ui["card"], attention_ui["layer"], attention_ui["q_row"],
-                         attention_ui["q_col"], position_ui["row"], position_ui["col"], attention_ui["cache"]]
+                         attention_ui["q_col"], position_ui["row"], position_ui["col"], attention_ui["cache"],
+                         *attention_tab.model_outputs(attention_ui)]
         position_inputs = [picker, position_ui["row"], position_ui["col"]]
         position_outputs = position_tab.outputs(position_ui)
         attn_inputs, attn_outputs = attention_tab.io(attention_ui, image, picker)
@@ -96,7 +99,7 @@ def build_demo() -> gr.Blocks:
             done.then(position_tab.position_views, position_inputs, position_outputs, **HIDDEN)
             done.then(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs, **view,
                       **HIDDEN)
-            done.then(if_image(attention_tab.explain, (None, [], None, "", None)), attn_inputs, attn_outputs,
+            done.then(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
                       **view, **HIDDEN)
 
         on_model_change(demo.load(models.refresh_picker, picker, picker, **HIDDEN))
@@ -110,7 +113,7 @@ def build_demo() -> gr.Blocks:
             classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
         image.change(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs,
                      api_name="patches", **view)
-        image.change(if_image(attention_tab.explain, (None, [], None, "", None)), attn_inputs, attn_outputs,
+        image.change(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
                      api_name="explain_on_change", **view, **HIDDEN)
 
         classify_tab.wire(classify_ui, image, picker)

@@ -28,7 +28,7 @@ LR_RANGE = (1e-5, 1e-2)
 # the shapes reach 90% validation accuracy in well under a minute, CIFAR-10 50% within 3 minutes.
 DEFAULTS: dict[str, dict[str, Any]] = {
     SRC_SYNTHETIC: {"per_class": 4000, "patch": 8, "depth": 4, "width": 96, "epochs": 5, "lr": 3e-3, "batch": 128},
-    SRC_CIFAR: {"per_class": 2000, "patch": 4, "depth": 6, "width": 64, "epochs": 8, "lr": 2e-3, "batch": 128},
+    SRC_CIFAR: {"per_class": 2000, "patch": 4, "depth": 6, "width": 64, "epochs": 7, "lr": 2e-3, "batch": 128},
     SRC_ZIP: {"per_class": 300, "patch": 8, "depth": 4, "width": 96, "epochs": 10, "lr": 2e-3, "batch": 32},
 }
 COMPARE_PER_CLASS = 100  # images per class in the comparison: little data is where pre-training shows

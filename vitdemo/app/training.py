@@ -338,6 +338,7 @@ def events(run: Run, freeze_backbone: bool = False) -> Iterator[StepEvent | Vali
             elif isinstance(event, ValidationEvent):
                 run.last_val = (event.val_loss, event.val_acc)
             elif isinstance(event, EpochEvent):
+                run.steps = event.epoch * steps_per_epoch  # StepEvents come every few steps only
                 run.last_epoch = event
                 # The walk-through's history keys, kept for its readers: "test" means validation here.
                 for key, value in (("train_loss", event.train_loss), ("train_acc", event.train_acc),
