@@ -173,3 +173,41 @@ def test_stop_keeps_the_model(page):
     panel.get_by_role("button", name="Stop").click()
     status.get_by_text(re.compile(r"stopped", re.I)).first.wait_for(timeout=120_000)
     shot(page, "train_stopped")
+
+
+def test_compare_draws_both_runs(page):
+    """From scratch vs fine-tuned from the shipped model, on the same little data: both runs'
+    validation curves in one plot, labelled."""
+    panel = open_tab(page, "Train")
+    panel.get_by_role("button", name=re.compile("Compare")).click()
+    status = page.locator(".status-line").first
+    status.get_by_text(re.compile(r"Done")).wait_for(timeout=600_000)
+    page.wait_for_timeout(1000)
+    drawn = drawn_series(page, "Accuracy (%)")
+    assert {"from scratch: validation", "fine-tuned: validation"} <= set(drawn), drawn
+    assert drawn["from scratch: validation"] >= 8 and drawn["fine-tuned: validation"] >= 8, drawn
+    shot(page, "train_compare")
+
+
+@pytest.mark.parametrize("tab", ["Classify", "Train"])
+def test_phone_width(browser, app_url, picture, tab):
+    """At 400 px the tabs fold into a menu; the page still shows the answer and the curves."""
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(app_url)
+        upload(page, picture)
+        page.get_by_test_id("label-output-value").wait_for()
+        if tab == "Train":
+            page.get_by_role("button", name="More tabs").click()
+            page.locator("button:visible", has_text="Train").last.click()
+            panel = visible_tab(page)
+            panel.get_by_label("Epochs").first.fill("1")
+            panel.get_by_role("button", name="Start training").click()
+            page.locator(".status-line").first.get_by_text(re.compile("Finished")).wait_for(timeout=300_000)
+            page.wait_for_timeout(1000)
+            assert set(drawn_series(page, "Loss")) == {"train", "validation", "lines"}
+        shot(page, f"{tab.lower()}_400px")
+    finally:
+        context.close()

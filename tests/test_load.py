@@ -98,7 +98,9 @@ def test_classify_under_load_while_training(app, tmp_path):
     trainer = _client(app, tmp_path)
     job = trainer.submit(training.SRC_SYNTHETIC, None, *TRAIN.values(), False, False, models.SHIPPED, api_name="/train")
     deadline = time.monotonic() + 120
-    while not any(out[0] and len(out[0]["data"]) for out in job.outputs()) and time.monotonic() < deadline:
+    # The first frame is the model before training (step 0); wait for one after a step.
+    while not any(out[0] and any(row[0] > 0 for row in out[0]["data"]) for out in job.outputs()) \
+            and time.monotonic() < deadline:
         assert not job.done(), job.exception()
         time.sleep(0.1)
     (run,) = _running()

@@ -68,7 +68,7 @@ def numbered_patch_grid(image: Image.Image, patch_size: int, image_size: int | N
     return grid
 
 
-def sequence_columns(num_patches: int, first: int = 6) -> list[tuple[str, int | None]]:
+def sequence_columns(num_patches: int, first: int = 5) -> list[tuple[str, int | None]]:
     """The columns Fig. 1 draws: the class token, the first `first` patches, an ellipsis and the
     last patch (all of them when at most `first` + 1). Each is (its label, its patch's index in
     reading order, or None for the class token and the ellipsis)."""
@@ -80,7 +80,7 @@ def sequence_columns(num_patches: int, first: int = 6) -> list[tuple[str, int | 
 
 
 def token_sequence(image: Image.Image, patch_size: int, image_size: int | None = None, *,
-                   resize: int | None = None, interpolation: str = "bicubic", first: int = 6) -> Figure:
+                   resize: int | None = None, interpolation: str = "bicubic", first: int = 5) -> Figure:
     """The paper's Fig. 1 for one image: the class token 0* first, then patches 1..N in reading
     order (left to right, top to bottom); each patch is flattened and projected by E, and every
     token gets its position embedding added (Eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos).
@@ -97,7 +97,7 @@ def token_sequence(image: Image.Image, patch_size: int, image_size: int | None =
     pixels = np.asarray(image)
     step = 1.3  # boxes one unit wide, 0.3 apart
     width = len(columns) * step - 0.3
-    room = max(width, 10.0)  # short sequences are centred, with room for the captions
+    room = max(width, 10.1)  # short sequences are centred, with room for the captions
     fig = Figure(figsize=((room + 0.3) * 0.6, 6.3 * 0.6))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(-0.15 - (room - width) / 2, width + 0.15 + (room - width) / 2)
@@ -106,7 +106,7 @@ def token_sequence(image: Image.Image, patch_size: int, image_size: int | None =
     line = {"color": "#555555", "lw": 1.0}
 
     def box(x: float, y: float, w: float, colour: str, text: str = "", text_colour: str = "black",
-            dashed: bool = False, size: float = 11, weight: str = "bold") -> None:
+            dashed: bool = False, size: float = 13, weight: str = "bold") -> None:
         ax.add_patch(FancyBboxPatch((x + 0.05, y + 0.05), w - 0.1, 0.6, boxstyle="round,pad=0.04", facecolor=colour,
                                     edgecolor="#444444", linewidth=1.0, linestyle="--" if dashed else "-"))
         if text:
@@ -116,16 +116,16 @@ def token_sequence(image: Image.Image, patch_size: int, image_size: int | None =
     def arrow(x: float, y0: float, y1: float) -> None:
         ax.annotate("", xy=(x, y1), xytext=(x, y0), arrowprops={"arrowstyle": "->", **line})
 
-    ax.text(width / 2, 5.85, "token = patch embedding (pink) + position embedding (purple, numbered)",
-            ha="center", va="center", fontsize=10.5, color="#222222")
+    ax.text(width / 2, 5.85, "token = patch embedding (pink) + position embedding (purple)",
+            ha="center", va="center", fontsize=12, color="#222222")
     for i, (name, k) in enumerate(columns):
         x = i * step
         if name == "…":
             for y in (4.6, 2.55, 1.3):
-                ax.text(x + 0.5, y, "…", ha="center", va="center", fontsize=16)
+                ax.text(x + 0.5, y, "…", ha="center", va="center", fontsize=18)
             continue
         if k is None:  # the class token: no patch, a learnable embedding
-            box(x, 4.15, 1, "white", "[class]", dashed=True, size=9.5)
+            box(x, 4.15, 1, "white", "[class]", dashed=True, size=10.5)
             arrow(x + 0.5, 4.2, 2.9)
         else:
             r, c = divmod(k, gw)
@@ -137,12 +137,12 @@ def token_sequence(image: Image.Image, patch_size: int, image_size: int | None =
             arrow(x + 0.5, 4.08, 3.78)
             arrow(x + 0.5, 3.22, 2.9)
         box(x, 2.2, 1, PATCH_COLOUR, "*" if k is None else "")
-        ax.text(x + 0.5, 1.92, "+", ha="center", va="center", fontsize=14, fontweight="bold", color="#333333")
+        ax.text(x + 0.5, 1.92, "+", ha="center", va="center", fontsize=16, fontweight="bold", color="#333333")
         box(x, 0.95, 1, POSITION_COLOUR, name, text_colour="white")
         arrow(x + 0.5, 1.0, 0.58)
     what = "linear projection E of the flattened patches" if width - step > 6.5 else "linear projection E"
-    box(step - 0.05, 3.1, width - step + 0.1, "#fff3e0", what, size=10, weight="normal")
-    box(-0.05, -0.1, width + 0.1, "#e8eaf6", f"Transformer encoder: {n + 1} tokens", size=10.5, weight="normal")
+    box(step - 0.05, 3.1, width - step + 0.1, "#fff3e0", what, size=12, weight="normal")
+    box(-0.05, -0.1, width + 0.1, "#e8eaf6", f"Transformer encoder: {n + 1} tokens", size=12, weight="normal")
     return fig
 
 

@@ -97,10 +97,11 @@ def build_demo() -> gr.Blocks:
             """After the picked model changes: its note, card, sliders and every view of the image."""
             done = event.then(select_model, picker, model_outputs, **HIDDEN)
             done.then(position_tab.position_views, position_inputs, position_outputs, **HIDDEN)
+            # Named, so that they leave the names "patches" and "explain" to the public endpoints.
             done.then(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs, **view,
-                      **HIDDEN)
+                      api_name="patches_for_model", **HIDDEN)
             done.then(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
-                      **view, **HIDDEN)
+                      api_name="explain_for_model", **view, **HIDDEN)
 
         on_model_change(demo.load(models.refresh_picker, picker, picker, **HIDDEN))
         on_model_change(picker.input(lambda name: name, picker, picker, **HIDDEN))

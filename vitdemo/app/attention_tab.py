@@ -18,13 +18,14 @@ from .. import visualize as vz
 from ..runtime import weights_digest
 from . import models
 from .common import VIEW_SIZE, ModelUnavailable, if_image, to_rgb, user_error, user_errors
-from .inputs import choice, number_in, numeric, one_of
+from .inputs import choice, keep_views, number_in, numeric_slider, one_of
 from .models import SHIPPED, Entry
 
 QUERY_CLS = "class token"
 QUERY_PATCH = "a patch (row, column)"
 ROLLOUT, GRADIENT, RELEVANCE = "rollout", "gradient rollout", "relevance"
-METHODS = [("Attention rollout", ROLLOUT), ("Gradient rollout", GRADIENT), ("Relevance (Chefer et al. 2021)", RELEVANCE)]
+METHODS = [("Attention rollout", ROLLOUT), ("Gradient rollout", GRADIENT),
+           ("Relevance (Chefer et al. 2021)", RELEVANCE)]
 PREDICTED = "predicted"  # the class picker's default: explain each image's predicted class
 FUSIONS = ("mean", "max", "min")
 MAX_DISCARD = 0.95
@@ -36,9 +37,9 @@ READ_FAITHFULNESS = (
     "relevant go first (lower positive AUC) and keeps it when the least relevant go first (higher negative AUC); "
     "random order is the floor.")
 READ_DISTANCE = (
-    "Each dot is one head of one layer: the average distance, in pixels, between a patch and the patches it "
-    "attends to, for this image (the paper's Fig. 7, right, averages 128 images). Low dots are heads that look "
-    "nearby, like a convolution; high dots are heads that look across the whole image.")
+    "Each dot is one head: the average distance in pixels between a patch and the patches it attends to, on this "
+    "image (the paper's Fig. 7, right, averages 128 images); low dots look nearby, like a convolution, high dots "
+    "across the whole image.")
 
 
 def _fingerprint(name: str, picked: Entry, x: torch.Tensor) -> str:
@@ -101,21 +102,20 @@ def _head_maps(rgb: Any, maps: torch.Tensor, picked: Entry, alpha: float, query_
 
 
 def _how_to_read(method: str, fusion: str, discard: float, layers: int, cls: str, explained: bool) -> str:
+    """One sentence on what the map shows and how to read it."""
     if method == ROLLOUT:
-        note = (" The class picker does not change it: plain rollout does not depend on the class."
-                if explained else " Plain rollout does not depend on the class: every class gets this map.")
-        return (f"**Attention rollout** ({fusion} over heads, discard ratio {discard:.2f}): how much of what the class "
-                f"token finally holds comes from each patch, following the attention through all {layers} layers "
-                f"with the residual path (Abnar and Zuidema 2020; the paper's Fig. 6). Bright patches feed the "
-                f"class token most.{note}")
+        note = ("the class picker does not change it: plain rollout does not depend on the class" if explained
+                else "it does not depend on the class: every class gets this map")
+        return (f"**Attention rollout** ({fusion} over heads, discard ratio {discard:.2f}; Abnar and Zuidema 2020, the "
+                f"paper's Fig. 6) follows the attention through all {layers} layers, residual path included: bright "
+                f"patches are those the class token draws on most; {note}.")
     if method == GRADIENT:
-        return (f"**Gradient rollout for {cls}** (discard ratio {discard:.2f}): rollout with each layer's attention "
-                f"weighted by how much more attention there would raise the score of **{cls}** (the positive part "
-                f"of the gradient). Bright patches are those that push the answer towards {cls}.")
-    return (f"**Relevance for {cls}** (Chefer, Gur and Wolf 2021): each layer's attention weighted by its gradient "
-            f"for the score of **{cls}**, positive part only, and accumulated over the {layers} layers. Bright "
-            f"patches are those the score of {cls} depends on most; pick another class to see what would argue "
-            f"for it.")
+        return (f"**Gradient rollout for {cls}** (discard ratio {discard:.2f}) is rollout with each layer's attention "
+                f"weighted by the positive part of its gradient for the score of {cls}: bright patches are those "
+                f"that push the answer towards {cls}.")
+    return (f"**Relevance for {cls}** (Chefer, Gur and Wolf 2021) weights each layer's attention by its gradient for "
+            f"the score of {cls}, keeps the positive part and accumulates it over the {layers} layers: bright patches "
+            f"are those the score of {cls} depends on most; pick another class to see what argues for it.")
 
 
 @user_errors
@@ -172,8 +172,7 @@ def explain(
     if method != ROLLOUT:
         head += f" Explaining **{names[target]}** ({probs[target]:.0%})."
     explained = explain_class not in (None, "", PREDICTED) and target != cache["pred"]
-    caption = (f"{head} {_how_to_read(method, fusion, discard, depth, names[target], explained)} "
-               f"Colours are scaled to this image: 1 marks the patch with the most, 0 the one with the least.")
+    caption = f"{head} {_how_to_read(method, fusion, discard, depth, names[target], explained)}"
 
     if query == QUERY_PATCH:
         q, cell, who = 1 + r * gw + c, (r, c), f"the patch at row {r + 1}, column {c + 1} (outlined)"
@@ -181,9 +180,9 @@ def explain(
         q, cell, who = 0, None, "the class token"
     maps = vz.token_attention(cache["attentions"], layer_index, q, grid_size=(gh, gw))[0]
     heads = _head_maps(rgb, maps, picked, alpha, cell)
-    heads_caption = (f"What {who} attends to in layer {layer_index + 1} of {depth}, one map per head, laid over the "
-                     f"image the model saw: bright patches are where that head looks most (each map is scaled to its "
-                     f"own range, so compare where heads look, not how strongly).")
+    heads_caption = (f"What {who} attends to in layer {layer_index + 1} of {depth}, one map per head over the image "
+                     f"the model saw: bright is where that head looks most (each map scaled to its own range: compare "
+                     f"where heads look, not how strongly).")
 
     distances = vz.mean_attention_distance(cache["attentions"], config.patch_size, grid_size=(gh, gw))
     fig = vz.plot_mean_attention_distance(distances, image_size=config.image_size[0])
@@ -274,21 +273,21 @@ def create_ui() -> dict[str, Any]:
             # Filled by `model_views` when the page loads and when the model changes.
             faith_note = gr.Markdown(visible=False)
             faith_table = gr.Dataframe(headers=list(FT.SUMMARY_HEADERS), visible=False, interactive=False, wrap=True,
-                                       show_label=False, buttons=[], max_height=420,
-                                       column_widths=["170px"] + ["100px"] * 5)
+                                       show_label=False, buttons=[], max_height=640, pinned_columns=1,
+                                       column_widths=["170px", "90px"] + ["100px"] * 4)
     with gr.Row():
         with gr.Column(scale=2, min_width=300):
             fusion = choice(gr.Radio(list(FUSIONS), value="mean", label="Head fusion (attention rollout)"),
                             "Head fusion")
-            discard = numeric(gr.Slider(0.0, MAX_DISCARD, value=0.0, step=0.05,
-                                        label="Discard ratio (rollouts: weakest attention zeroed)"))
-            opacity = numeric(gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Overlay opacity"))
+            discard = numeric_slider(0.0, MAX_DISCARD, value=0.0, step=0.05,
+                                        label="Discard ratio (rollouts: weakest attention zeroed)")
+            opacity = numeric_slider(0.0, 1.0, value=0.6, step=0.05, label="Overlay opacity")
             gr.Markdown("**Each head's attention** (the maps below)")
-            layer = numeric(gr.Slider(1, 7, value=7, step=1, label="Layer"))
+            layer = numeric_slider(1, 7, value=7, step=1, label="Layer")
             query = choice(gr.Radio([QUERY_CLS, QUERY_PATCH], value=QUERY_CLS, label="Query"), "The query")
             with gr.Row():
-                q_row = numeric(gr.Slider(1, 8, value=1, step=1, label="Query row", min_width=140))
-                q_col = numeric(gr.Slider(1, 8, value=1, step=1, label="Query column", min_width=140))
+                q_row = numeric_slider(1, 8, value=1, step=1, label="Query row", min_width=140)
+                q_col = numeric_slider(1, 8, value=1, step=1, label="Query column", min_width=140)
         with gr.Column(scale=5, min_width=300):
             with gr.Row():
                 with gr.Column(min_width=300):
@@ -299,9 +298,9 @@ def create_ui() -> dict[str, Any]:
                     distance = _picture(label="Mean attention distance per head (Fig. 7, right)",
                                         alt_text="Mean attention distance of every head against layer")
                     gr.Markdown(READ_DISTANCE)
-            heads_caption = gr.Markdown()
             heads = _picture(label="Each head's attention over the image",
                              alt_text="One attention map per head, over the image")
+            heads_caption = gr.Markdown()
     return {"method": method, "target": target, "fusion": fusion, "discard": discard, "opacity": opacity,
             "button": button, "faith_note": faith_note, "faith_table": faith_table, "caption": caption,
             "explanation": explanation, "distance": distance, "layer": layer, "query": query, "q_row": q_row,
@@ -326,7 +325,7 @@ def wire(ui: dict[str, Any], image: gr.Image, picker: gr.Dropdown, view: dict[st
          hidden: dict[str, Any]) -> None:
     inputs, outputs = io(ui, image, picker)
     ui["button"].click(explain, inputs, outputs, api_name="explain", **view)
-    on_change = if_image(explain, EMPTY)
+    on_change = keep_views(if_image(explain, EMPTY), len(outputs))
     for control in (ui["method"], ui["fusion"], ui["query"], ui["target"]):
         control.input(on_change, inputs, outputs, **view, **hidden)
     for control in (ui["discard"], ui["opacity"], ui["layer"], ui["q_row"], ui["q_col"]):

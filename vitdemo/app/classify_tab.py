@@ -66,8 +66,11 @@ def answer_note(info: dict[str, Any] | None) -> str:
                      f"training-like images stay under). The model still has to pick one of its {len(names)} "
                      f"classes, so the answer below is likely meaningless.")
     elif verdict:
-        lines.append(f"The image is close enough to the training data to trust the answer as far as the model's "
-                     f"accuracy goes (out-of-distribution score {verdict['relative']:.1f}x the threshold).")
+        acc = (meta.get("metrics") or {}).get("val_acc")
+        known = f", which it gets right {acc:.0%} of the time on held-out images" if isinstance(acc, float) else ""
+        lines.append(f"Not flagged as unlike the training data (out-of-distribution score {verdict['relative']:.1f}x "
+                     f"the threshold). That does not make the answer right: it is still one of the {len(names)} "
+                     f"classes{known}, even when the picture shows none of them.")
     if "ms" in info:
         lines.append(f"Inference: {info['ms']:.1f} ms with {RUNTIME_NAMES[info['runtime']]} (preprocessing and "
                      f"forward pass, {torch.get_num_threads()} CPU threads).")

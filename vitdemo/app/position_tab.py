@@ -13,14 +13,13 @@ from .. import figures as FG
 from .. import visualize as vz
 from . import models
 from .common import VIEW_SIZE, user_errors
-from .inputs import number_in, numeric
+from .inputs import keep_views, number_in, numeric_slider
 from .models import SHIPPED, Entry
 
 OUTLINE = (255, 0, 0)  # red, as the highlight in the Fig. 7 mosaic: visible on every viridis colour
-READ_FIGURE = ("Tile (r, c) shows how similar position (r, c)'s learned embedding is to every position's (cosine "
-               "similarity, yellow = alike); the chosen position's tile is outlined in red. A tile bright around "
-               "its own place, in its own row and column, means the model learned the image's 2-D layout from "
-               "1-D position numbers.")
+READ_FIGURE = ("Tile (r, c) shows how similar position (r, c)'s learned embedding is to every position's (yellow = "
+               "alike; the chosen position is outlined in red): a bright spot around each tile's own place means the "
+               "model learned the image's 2-D layout from 1-D position numbers.")
 
 
 def _similarity(picked: Entry) -> torch.Tensor:
@@ -104,8 +103,8 @@ def create_ui() -> dict[str, Any]:
                               alt_text="Cosine similarity of every position embedding with every other")
             gr.Markdown(READ_FIGURE)
         with gr.Column(scale=2, min_width=300):
-            row = numeric(gr.Slider(1, 8, value=4, step=1, label="Row"))
-            col = numeric(gr.Slider(1, 8, value=4, step=1, label="Column"))
+            row = numeric_slider(1, 8, value=4, step=1, label="Row")
+            col = numeric_slider(1, 8, value=4, step=1, label="Column")
             detail = _picture(label="One position, large", alt_text="One position's similarity map")
             note = gr.Markdown()
     return {"figure": figure, "row": row, "col": col, "detail": detail, "note": note}
@@ -118,4 +117,4 @@ def outputs(ui: dict[str, Any]) -> list[Any]:
 def wire(ui: dict[str, Any], picker: gr.Dropdown, hidden: dict[str, Any]) -> None:
     inputs = [picker, ui["row"], ui["col"]]
     for slider in (ui["row"], ui["col"]):
-        slider.release(position_at, inputs, outputs(ui), **hidden)
+        slider.release(keep_views(position_at, 3), inputs, outputs(ui), **hidden)

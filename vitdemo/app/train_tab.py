@@ -307,9 +307,9 @@ def create_ui() -> dict[str, Any]:
     status = gr.Markdown("Ready.", elem_classes="status-line")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", x_title="step", y_title="loss",
-                                color_map=COLORS, height=300)
+                                color_map=COLORS, height=300, min_width=320)
         acc_plot = gr.LinePlot(x="step", y="value", color="series", title="Accuracy (%)", x_title="step",
-                               y_title="accuracy (%)", y_lim=[0, 100], color_map=COLORS, height=300)
+                               y_title="accuracy (%)", y_lim=[0, 100], color_map=COLORS, height=300, min_width=320)
     checkpoint = gr.File(label="Checkpoint of the last run (model.safetensors)", interactive=False)
     return {"source": source, "zip": zip_in, "per_class": per_class, "patch": patch, "width": width,
             "depth": depth, "epochs": epochs, "lr": lr, "batch": batch, "finetune": finetune, "freeze": freeze,
