@@ -140,7 +140,7 @@ def test_one_upload_shows_in_every_tab(page, picture):
     panel = open_tab(page, "Attention")
     panel.get_by_text(re.compile(r"Predicted .* over \d+ layers")).first.wait_for()
     page.get_by_text("processing").first.wait_for(state="hidden")
-    assert panel.locator(".block", has_text="Rollout").locator("img").count() >= 1
+    assert panel.get_by_alt_text(re.compile("explanation map")).count() >= 1
     shot(page, "attention")
 
     panel = open_tab(page, "About")

@@ -107,14 +107,14 @@ def _how_to_read(method: str, fusion: str, discard: float, layers: int, cls: str
         note = ("the class picker does not change it: plain rollout does not depend on the class" if explained
                 else "it does not depend on the class: every class gets this map")
         return (f"**Attention rollout** ({fusion} over heads, discard ratio {discard:.2f}; Abnar and Zuidema 2020, the "
-                f"paper's Fig. 6) follows the attention through all {layers} layers, residual path included: bright "
+                f"paper's Fig. 6) follows the attention over {layers} layers, residual path included: bright "
                 f"patches are those the class token draws on most; {note}.")
     if method == GRADIENT:
-        return (f"**Gradient rollout for {cls}** (discard ratio {discard:.2f}) is rollout with each layer's attention "
-                f"weighted by the positive part of its gradient for the score of {cls}: bright patches are those "
-                f"that push the answer towards {cls}.")
+        return (f"**Gradient rollout for {cls}** (discard ratio {discard:.2f}) is rollout over {layers} layers with "
+                f"each layer's attention weighted by the positive part of its gradient for the score of {cls}: "
+                f"bright patches are those that push the answer towards {cls}.")
     return (f"**Relevance for {cls}** (Chefer, Gur and Wolf 2021) weights each layer's attention by its gradient for "
-            f"the score of {cls}, keeps the positive part and accumulates it over the {layers} layers: bright patches "
+            f"the score of {cls}, keeps the positive part and accumulates it over {layers} layers: bright patches "
             f"are those the score of {cls} depends on most; pick another class to see what argues for it.")
 
 
