@@ -94,8 +94,10 @@ def run_compare() -> None:
 def main() -> None:
     sections = {"default": run_default, "cifar": run_cifar, "compare": run_compare}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", choices=list(sections), default=[])
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(sections)} (default: all)")
     args = parser.parse_args()
+    if unknown := [name for name in args.sections if name not in sections]:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(sections)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     for name in args.sections or list(sections):
         sections[name]()

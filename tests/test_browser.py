@@ -85,6 +85,20 @@ def visible_tab(page):
     return page.locator("[role=tabpanel]:visible").first
 
 
+def settled(page, images: int = 1) -> None:
+    """Wait until the visible tab shows at least `images` loaded pictures and Gradio's progress
+    overlays are gone from it (its events have finished)."""
+    page.wait_for_function(
+        """(n) => {
+            const panel = [...document.querySelectorAll('[role=tabpanel]')].find(p => p.offsetParent !== null);
+            if (!panel) return false;
+            const loaded = [...panel.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 0);
+            const busy = [...panel.querySelectorAll('.eta-bar, .progress-text')].some(e => e.offsetParent !== null);
+            return loaded.length >= n && !busy;
+        }""", arg=images, timeout=120_000)
+    page.wait_for_timeout(500)
+
+
 def open_tab(page, name: str):
     """Click a tab. Returns the tab's panel."""
     page.get_by_role("tab", name=name).click()
@@ -129,17 +143,18 @@ def test_one_upload_shows_in_every_tab(page, picture):
     page.get_by_test_id("label-output-value").wait_for()
     panel = open_tab(page, "Patches")
     panel.get_by_text(re.compile(r"patches of \d+x\d+")).first.wait_for()
-    page.get_by_text("processing").first.wait_for(state="hidden")
+    settled(page, 2)
     assert panel.locator("img").count() >= 2
     shot(page, "patches")
 
     panel = open_tab(page, "Position embeddings")
     panel.locator("img").first.wait_for()
+    settled(page)
     shot(page, "position_embeddings")
 
     panel = open_tab(page, "Attention")
     panel.get_by_text(re.compile(r"Predicted .* over \d+ layers")).first.wait_for()
-    page.get_by_text("processing").first.wait_for(state="hidden")
+    settled(page)
     assert panel.get_by_alt_text(re.compile("explanation map")).count() >= 1
     shot(page, "attention")
 

@@ -206,3 +206,25 @@ def test_cifar_defaults_reach_half_right(monkeypatch, tmp_path):
     val = validation(outputs[-1][1])
     assert val[-1] >= 50, val
     assert "CIFAR-10" in outputs[-1][2]
+
+
+def test_out_of_range_numbers_through_the_api_get_our_message():
+    """Gradio would answer with its own words ("Value 99 is greater than maximum value 30")."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    demo = vitdemo.app.build_demo()
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=port,
+                **vitdemo.app.launch_options())
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False)
+        d = train_tab.DEFAULTS[training.SRC_SYNTHETIC]
+        with pytest.raises(AppError, match="Epochs must be a whole number from 1 to 30; got 99"):
+            client.predict(training.SRC_SYNTHETIC, None, d["per_class"], d["patch"], d["depth"], d["width"], 99,
+                           d["lr"], d["batch"], False, False, models.SHIPPED, api_name="/train")
+        with pytest.raises(AppError, match="The batch size must be one of"):
+            client.predict(training.SRC_SYNTHETIC, None, d["per_class"], d["patch"], d["depth"], d["width"], 2,
+                           d["lr"], 100, False, False, models.SHIPPED, api_name="/train")
+    finally:
+        demo.close()

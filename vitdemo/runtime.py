@@ -123,7 +123,7 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, int8: bool = Fals
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as err:
         raise RuntimeUnavailable(f"ONNX export needs the onnx and onnxscript packages ({err}); "
-                                 "pip install -r requirements.txt") from None
+                                 "pip install \"vitdemo[onnx]\" (or pip install -e \".[onnx]\" in a clone)") from None
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()  # leave the caller's model where it is
     was_training = model.training
@@ -181,7 +181,7 @@ class OnnxModel:
             import onnxruntime as ort
         except ImportError as err:
             raise RuntimeUnavailable(f"the onnx and int8 runtimes need onnxruntime ({err}); "
-                                     "pip install -r requirements.txt") from None
+                                     "pip install \"vitdemo[onnx]\" (or pip install -e \".[onnx]\" in a clone)") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

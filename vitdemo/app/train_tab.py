@@ -16,6 +16,7 @@ from ..engine import EpochEvent, StepEvent, TrainingError, ValidationEvent
 from ..model import VisionTransformer
 from . import models, training
 from .common import HIDDEN, ModelUnavailable, clamp, log, user_error
+from .inputs import choice, numeric_slider
 from .models import SHIPPED
 from .training import SOURCES, SRC_CIFAR, SRC_SYNTHETIC, SRC_ZIP, Run
 
@@ -28,7 +29,7 @@ LR_RANGE = (1e-5, 1e-2)
 # the shapes reach 90% validation accuracy in well under a minute, CIFAR-10 50% within 3 minutes.
 DEFAULTS: dict[str, dict[str, Any]] = {
     SRC_SYNTHETIC: {"per_class": 4000, "patch": 8, "depth": 4, "width": 96, "epochs": 5, "lr": 3e-3, "batch": 128},
-    SRC_CIFAR: {"per_class": 2000, "patch": 4, "depth": 6, "width": 64, "epochs": 7, "lr": 2e-3, "batch": 128},
+    SRC_CIFAR: {"per_class": 2000, "patch": 4, "depth": 6, "width": 64, "epochs": 8, "lr": 2e-3, "batch": 128},
     SRC_ZIP: {"per_class": 300, "patch": 8, "depth": 4, "width": 96, "epochs": 10, "lr": 2e-3, "batch": 32},
 }
 COMPARE_PER_CLASS = 100  # images per class in the comparison: little data is where pre-training shows
@@ -288,18 +289,19 @@ def create_ui() -> dict[str, Any]:
             source = gr.Radio(list(SOURCES), value=SRC_SYNTHETIC, label="Data")
             zip_in = gr.File(file_types=[".zip"], type="filepath",
                              label="Zip of class folders (zip/<class>/<image>), for 'Uploaded .zip'")
-            per_class = gr.Slider(10, 5000, value=d["per_class"], step=10, label="Images per class (at most)")
+            per_class = numeric_slider(10, 5000, value=d["per_class"], step=10, label="Images per class (at most)")
             finetune = gr.Checkbox(False, label="Fine-tune the selected model (new head for these classes)")
             freeze = gr.Checkbox(False, label="Freeze the backbone (train only the head)")
         with gr.Column():
             with gr.Row():
-                patch = gr.Radio(list(PATCHES), value=d["patch"], label="Patch size P (new model)")
+                patch = choice(gr.Radio(list(PATCHES), value=d["patch"], label="Patch size P (new model)"),
+                               "The patch size")
                 width = gr.Dropdown(list(WIDTHS), value=d["width"], label="Width D (new model; heads of 32)")
-            depth = gr.Slider(1, 8, value=d["depth"], step=1, label="Layers (new model)")
-            epochs = gr.Slider(1, 30, value=d["epochs"], step=1, label="Epochs")
+            depth = numeric_slider(1, 8, value=d["depth"], step=1, label="Layers (new model)")
+            epochs = numeric_slider(1, 30, value=d["epochs"], step=1, label="Epochs")
             lr = gr.Number(d["lr"], label=f"Learning rate (AdamW, warm-up then cosine; {LR_RANGE[0]:g} to "
                                           f"{LR_RANGE[1]:g})")
-            batch = gr.Radio(list(BATCH_SIZES), value=d["batch"], label="Batch size")
+            batch = choice(gr.Radio(list(BATCH_SIZES), value=d["batch"], label="Batch size"), "The batch size")
     with gr.Row():
         start = gr.Button("Start training", variant="primary")
         compare = gr.Button("Compare: from scratch vs fine-tuned (small data)", variant="secondary")
