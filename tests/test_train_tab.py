@@ -147,7 +147,7 @@ def test_stop_during_the_comparison_keeps_the_run_so_far_and_starts_no_other(mon
 
 def test_a_run_that_cannot_start_says_why_in_the_status_line(tmp_path):
     outputs = []
-    with pytest.raises(gr.Error, match="learning rate must be from 1e-05 to 0.01"):
+    with pytest.raises(gr.Error, match="The learning rate must be a number from 1e-05 to 0.01"):
         for out in train_tab.train_run(training.SRC_SYNTHETIC, None, lr=5.0):
             outputs.append(out)
     assert "Not started" in outputs[-1][2] and "learning rate" in outputs[-1][2]

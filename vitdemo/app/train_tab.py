@@ -16,7 +16,7 @@ from ..engine import EpochEvent, StepEvent, TrainingError, ValidationEvent
 from ..model import VisionTransformer
 from . import models, training
 from .common import HIDDEN, ModelUnavailable, clamp, log, user_error
-from .inputs import choice, numeric_slider
+from .inputs import choice, number_in, numeric_slider
 from .models import SHIPPED
 from .training import SOURCES, SRC_CIFAR, SRC_SYNTHETIC, SRC_ZIP, Run
 
@@ -52,22 +52,9 @@ def _settings(per_class: Any, patch: Any, depth: Any, width: Any, epochs: Any, l
         return clamp(value, 0, 10_000)
 
     def within(value: Any, lo: int, hi: int, what: str) -> int:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise user_error(f"{what} must be a whole number from {lo} to {hi}; got {value!r}.") from None
-        if not lo <= number <= hi or number != int(number):
-            raise user_error(f"{what} must be a whole number from {lo} to {hi}; got {value!r}.")
-        return int(number)
+        return int(number_in(value, lo, hi, what, whole=True))
 
-    try:
-        lr = float(lr)
-    except (TypeError, ValueError):
-        raise user_error(f"The learning rate must be a number from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; "
-                         f"got {lr!r}.") from None
-    if not LR_RANGE[0] <= lr <= LR_RANGE[1]:
-        raise user_error(f"The learning rate must be from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; got {lr:g}. "
-                         f"Small ViTs train well at 1e-3 to 3e-3 with this recipe's warm-up.")
+    lr = number_in(lr, *LR_RANGE, "The learning rate", why="small ViTs train well at 1e-3 to 3e-3 with this recipe")
     return {"per_class": within(per_class, 10, 5000, "Images per class"), "patch": pick(patch, PATCHES, "The patch size"),
             "depth": within(depth, 1, 8, "Layers"), "width": pick(width, WIDTHS, "The width D"),
             "epochs": within(epochs, 1, 30, "Epochs"), "lr": lr,
