@@ -17,7 +17,7 @@ from .. import figures as FG
 from .. import visualize as vz
 from ..runtime import weights_digest
 from . import models
-from .common import VIEW_SIZE, ModelUnavailable, if_image, to_rgb, user_error, user_errors
+from .common import ModelUnavailable, VIEW_SIZE, if_image, picture, to_rgb, user_error, user_errors
 from .inputs import choice, keep_views, number_in, numeric_slider, one_of
 from .models import SHIPPED, Entry
 
@@ -254,12 +254,6 @@ def model_views(name: str | None) -> tuple[Any, Any, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _picture(**kwargs: Any) -> gr.Image:
-    """An output picture with nothing over it: no label badge (the label is for screen readers only),
-    no toolbar; captions are text beside it."""
-    return gr.Image(format="png", interactive=False, show_label=False, buttons=[], **kwargs)
-
-
 def create_ui() -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=2, min_width=300):
@@ -291,14 +285,14 @@ def create_ui() -> dict[str, Any]:
         with gr.Column(scale=5, min_width=300):
             with gr.Row():
                 with gr.Column(min_width=300):
-                    explanation = _picture(label="Rollout or relevance map over the image",
+                    explanation = picture(label="Rollout or relevance map over the image",
                                            alt_text="The explanation map over the image, with its colour bar")
                     caption = gr.Markdown()
                 with gr.Column(min_width=300):
-                    distance = _picture(label="Mean attention distance per head (Fig. 7, right)",
+                    distance = picture(label="Mean attention distance per head (Fig. 7, right)",
                                         alt_text="Mean attention distance of every head against layer")
                     gr.Markdown(READ_DISTANCE)
-            heads = _picture(label="Each head's attention over the image",
+            heads = picture(label="Each head's attention over the image",
                              alt_text="One attention map per head, over the image")
             heads_caption = gr.Markdown()
     return {"method": method, "target": target, "fusion": fusion, "discard": discard, "opacity": opacity,

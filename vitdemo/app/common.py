@@ -156,4 +156,10 @@ def if_image(fn: Callable, empty: tuple) -> Callable:
     return wrapper
 
 
+def picture(**kwargs: Any) -> gr.Image:
+    """An output picture with nothing over it: no label badge (the label is for screen readers only),
+    no toolbar; captions are text beside it."""
+    return gr.Image(format="png", interactive=False, show_label=False, buttons=[], **kwargs)
+
+
 HIDDEN = {"api_visibility": "undocumented"}  # events the page uses that are no API of ours

@@ -11,7 +11,7 @@ from PIL import Image
 from .. import figures as FG
 from .. import visualize as vz
 from . import models
-from .common import to_rgb, user_errors
+from .common import picture, to_rgb, user_errors
 from .models import SHIPPED
 
 READ_GRID = ("The picture is cut to exactly the pixels the model reads; each patch carries its token number, "
@@ -42,23 +42,17 @@ def patches(image: Any, model_name: str = SHIPPED) -> tuple[Image.Image, Image.I
     return grid, sequence, text
 
 
-def _picture(**kwargs: Any) -> gr.Image:
-    """An output picture with nothing over it: no label badge (the label is for screen readers only),
-    no toolbar; captions are text beside it."""
-    return gr.Image(format="png", interactive=False, show_label=False, buttons=[], **kwargs)
-
-
 def create_ui() -> dict[str, Any]:
     gr.Markdown("The model never sees pixels one by one: it cuts the image into P x P patches, the "
                 "*16x16 words* of the title, and reads them as a sequence of tokens.")
     with gr.Row():
         with gr.Column(scale=2, min_width=280):
-            grid = _picture(height=300, label="The image as the model sees it, patches numbered",
+            grid = picture(height=300, label="The image as the model sees it, patches numbered",
                             alt_text="The image cut into numbered patches")
             gr.Markdown(READ_GRID)
         with gr.Column(scale=3, min_width=280):
             text = gr.Markdown()
-            sequence = _picture(label="The token sequence (Fig. 1)",
+            sequence = picture(label="The token sequence (Fig. 1)",
                                 alt_text="Class token, patches in reading order, plus position embeddings")
             gr.Markdown(READ_SEQUENCE)
     return {"grid": grid, "sequence": sequence, "text": text}

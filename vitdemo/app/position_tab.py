@@ -12,7 +12,7 @@ from PIL import Image
 from .. import figures as FG
 from .. import visualize as vz
 from . import models
-from .common import VIEW_SIZE, user_errors
+from .common import VIEW_SIZE, picture, user_errors
 from .inputs import keep_views, number_in, numeric_slider
 from .models import SHIPPED, Entry
 
@@ -88,24 +88,18 @@ def position_views(model_name: str = SHIPPED, row: int = 1, col: int = 1) -> tup
         return None, None, f"Not available: {err.message}"
 
 
-def _picture(**kwargs: Any) -> gr.Image:
-    """An output picture with nothing over it: no label badge (the label is for screen readers only),
-    no toolbar; captions are text beside it."""
-    return gr.Image(format="png", interactive=False, show_label=False, buttons=[], **kwargs)
-
-
 def create_ui() -> dict[str, Any]:
     gr.Markdown("Each patch position has a learned embedding, added to its patch's token (Eq. 1); nothing tells "
                 "the model that position 9 lies below position 1. The paper's Fig. 7 (centre) shows what it learned.")
     with gr.Row():
         with gr.Column(scale=3, min_width=300):
-            figure = _picture(label="Position embedding similarity (Fig. 7, centre)",
+            figure = picture(label="Position embedding similarity (Fig. 7, centre)",
                               alt_text="Cosine similarity of every position embedding with every other")
             gr.Markdown(READ_FIGURE)
         with gr.Column(scale=2, min_width=300):
             row = numeric_slider(1, 8, value=4, step=1, label="Row")
             col = numeric_slider(1, 8, value=4, step=1, label="Column")
-            detail = _picture(label="One position, large", alt_text="One position's similarity map")
+            detail = picture(label="One position, large", alt_text="One position's similarity map")
             note = gr.Markdown()
     return {"figure": figure, "row": row, "col": col, "detail": detail, "note": note}
 
