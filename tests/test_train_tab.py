@@ -2,6 +2,7 @@
 curves are in every frame from the first, the comparison draws both runs, and the status line
 says what happened. A tiny checkpoint stands in for the shipped model; nothing is downloaded."""
 
+import contextlib
 import inspect
 import os
 import time
@@ -27,6 +28,21 @@ def app_env(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         stand_in_app(mp, root)
         yield root
+
+
+@contextlib.contextmanager
+def launched():
+    """A gradio_client Client of the app, served on the loopback interface while in use."""
+    from gradio_client import Client
+
+    demo = vitdemo.app.build_demo()
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=port,
+                **vitdemo.app.launch_options())
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False)
+    finally:
+        demo.close()
 
 
 def series(frame) -> set[str]:
@@ -67,22 +83,13 @@ def test_every_frame_holds_both_curves_from_step_zero():
 def test_default_run_learns_through_the_server():
     """The headline: every Train-tab input at its default, through Gradio's queue as the Start
     button runs it, reaches 90% validation accuracy on the built-in shapes."""
-    from gradio_client import Client
-
-    demo = vitdemo.app.build_demo()
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=port,
-                **vitdemo.app.launch_options())
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False)
+    with launched() as client:
         d = train_tab.DEFAULTS[training.SRC_SYNTHETIC]
         start = time.perf_counter()
         loss, acc, status, picker, checkpoint = client.predict(
             training.SRC_SYNTHETIC, None, d["per_class"], d["patch"], d["depth"], d["width"], d["epochs"], d["lr"],
             d["batch"], False, False, models.SHIPPED, api_name="/train")
         seconds = time.perf_counter() - start
-    finally:
-        demo.close()
     rows = acc["data"]
     val = [value for step, value, name in rows if name == "validation"]
     assert "Finished" in status, status
@@ -210,15 +217,9 @@ def test_cifar_defaults_reach_half_right(monkeypatch, tmp_path):
 
 def test_out_of_range_numbers_through_the_api_get_our_message():
     """Gradio would answer with its own words ("Value 99 is greater than maximum value 30")."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    demo = vitdemo.app.build_demo()
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=port,
-                **vitdemo.app.launch_options())
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False)
+    with launched() as client:
         d = train_tab.DEFAULTS[training.SRC_SYNTHETIC]
         with pytest.raises(AppError, match="Epochs must be a whole number from 1 to 30; got 99"):
             client.predict(training.SRC_SYNTHETIC, None, d["per_class"], d["patch"], d["depth"], d["width"], 99,
@@ -226,5 +227,3 @@ def test_out_of_range_numbers_through_the_api_get_our_message():
         with pytest.raises(AppError, match="The batch size must be one of"):
             client.predict(training.SRC_SYNTHETIC, None, d["per_class"], d["patch"], d["depth"], d["width"], 2,
                            d["lr"], 100, False, False, models.SHIPPED, api_name="/train")
-    finally:
-        demo.close()
