@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Ship a CIFAR-10 run's latest epoch as the default model: copy its weights to
 # checkpoints/vit_cifar10, re-export the int8 ONNX file tied to them, evaluate both on the 5,000
-# held-out images, and redraw the README's pictures. Then update checkpoints/README.md by hand.
+# held-out images, and redraw the README's pictures. Then update checkpoints/README.md by hand, and
+# measure the explanations again (`python benchmarks/faithfulness.py`: the app shows its table only
+# while checkpoints/vit_cifar10/faithfulness.json names the shipped weights' digest). A run from the
+# engine carries its out-of-distribution statistics; for an older one, `vitdemo fit-ood` adds them.
 #
 #     bash scripts/ship_checkpoint.sh [RUN_DIR] [CIFAR10_TRAIN_DIR]
 set -euo pipefail
