@@ -227,3 +227,26 @@ def test_out_of_range_numbers_through_the_api_get_our_message():
         with pytest.raises(AppError, match="The batch size must be one of"):
             client.predict(training.SRC_SYNTHETIC, None, d["per_class"], d["patch"], d["depth"], d["width"], 2,
                            d["lr"], 100, False, False, models.SHIPPED, api_name="/train")
+
+
+def test_zip_errors_show_no_server_path_and_are_not_cut(tmp_path):
+    """A toast is cut at "<" (taken for HTML), and the folder an upload was unpacked to is the
+    server's business."""
+    import io
+    import zipfile
+
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(flat, "w") as z:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="PNG")
+        z.writestr("a.png", buf.getvalue())
+    fake = tmp_path / "fake.zip"
+    fake.write_text("not a zip")
+    for path in (flat, fake):
+        outputs = []
+        with pytest.raises(gr.Error) as excinfo:
+            for out in train_tab.train_run(training.SRC_ZIP, str(path), per_class=20, epochs=1):
+                outputs.append(out)
+        for text in (excinfo.value.message, outputs[-1][2]):
+            assert "/tmp" not in text and str(tmp_path) not in text and "<" not in text, text
+    assert "no class folders in the zip" in excinfo.value.message or "not a valid zip" in excinfo.value.message

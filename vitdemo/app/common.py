@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +40,23 @@ class ModelUnavailable(RuntimeError):
     """The model picked cannot be used (absent, offline, unknown); the message says why."""
 
 
+_SERVER_PATH = re.compile(r"(?<![\w.:/])((?:/[^\s/:'\"()]+){2,}/?)")  # /a/b..., not a URL's or "x/y"
+_EXTRACTED = re.compile(r"\bvitdemo-zip-\w+")
+
+
+def for_users(message: str) -> str:
+    """A message as users may see it: no server path (a path is shown by its last part, the folder
+    an upload was unpacked to as "the zip"), and no "<" or ">", which the page would take for HTML
+    and cut the message at."""
+    message = _SERVER_PATH.sub(lambda m: Path(m.group(1)).name or m.group(1), message)
+    message = _EXTRACTED.sub("the zip", message)
+    return message.replace("<", "‹").replace(">", "›")
+
+
 def user_error(message: str) -> gr.Error:
     """A message for the user, shown until their next action; their mistake, so no traceback in
     the server log either."""
-    return gr.Error(message, duration=None, print_exception=False)
+    return gr.Error(for_users(message), duration=None, print_exception=False)
 
 
 def user_errors(fn: Callable) -> Callable:

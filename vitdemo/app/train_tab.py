@@ -15,7 +15,7 @@ from ..data import DataError
 from ..engine import EpochEvent, StepEvent, TrainingError, ValidationEvent
 from ..model import VisionTransformer
 from . import models, training
-from .common import HIDDEN, ModelUnavailable, clamp, log, user_error
+from .common import HIDDEN, ModelUnavailable, clamp, for_users, log, user_error
 from .inputs import choice, number_in, numeric_slider
 from .models import SHIPPED
 from .training import SOURCES, SRC_CIFAR, SRC_SYNTHETIC, SRC_ZIP, Run
@@ -180,7 +180,7 @@ def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int 
         run, freeze = _prepare(source, zip_file, _settings(per_class, patch, depth, width, epochs, lr, batch_size),
                                bool(finetune), bool(freeze_backbone), model_name)
     except Exception as err:  # noqa: BLE001 - every failure to start is said in the status line too
-        message = _failed_start(err)
+        message = for_users(_failed_start(err))
         yield empty, empty, f"**Not started:** {message}", gr.skip(), None
         raise user_error(message) from None
     _start(getattr(request, "session_hash", None) or "local", [run])
@@ -223,7 +223,7 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
         runs = [training.new_run(scratch, data, prep, recipe, f"{label}, {SCRATCH}", name, f"{SCRATCH}: ", **split),
                 training.new_run(tuned, data, prep, recipe, f"{label}, {FINETUNED}", name, f"{FINETUNED}: ", **split)]
     except Exception as err:  # noqa: BLE001
-        message = _failed_start(err)
+        message = for_users(_failed_start(err))
         yield empty, empty, f"**Not started:** {message}", gr.skip(), None
         raise user_error(message) from None
     _start(getattr(request, "session_hash", None) or "local", runs)

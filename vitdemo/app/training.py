@@ -67,17 +67,20 @@ MAX_PLOT_POINTS = 500  # per plot, all series together: the browser redraws ever
 RUNS_ROOT = common.APP_DIR / "runs"  # read as training.RUNS_ROOT at call time (tests move it)
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("VITDEMO_CACHE", Path.home() / ".cache" / "vitdemo"))
+
+
 def cifar_folders() -> list[Path]:
-    """Where a local copy of CIFAR-10's training images (ImageFolder: <class>/<image>) is looked
-    for, first found first: $VITDEMO_CIFAR10, then ~/.cache/vitdemo/cifar10/train (where
+    """Where a local copy of CIFAR-10's training images (ImageFolder: one folder per class) is
+    looked for, first found first: $VITDEMO_CIFAR10, then ~/.cache/vitdemo/cifar10/train (where
     `tar -xzf cifar10-train.tar.gz -C ~/.cache/vitdemo` puts it)."""
-    cache = Path(os.environ.get("VITDEMO_CACHE", Path.home() / ".cache" / "vitdemo"))
     folders = [Path(os.environ["VITDEMO_CIFAR10"])] if os.environ.get("VITDEMO_CIFAR10") else []
-    return [*folders, cache / "cifar10" / "train"]
+    return [*folders, cache_dir() / "cifar10" / "train"]
 
 
 def torchvision_cifar_root() -> Path:
-    return Path(os.environ.get("VITDEMO_CACHE", Path.home() / ".cache" / "vitdemo")) / "torchvision-cifar10"
+    return cache_dir() / "torchvision-cifar10"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ def load_cifar(per_class: int) -> tuple[ImageData, str]:
         full = load_cifar10(torchvision_cifar_root(), train=True, download=True)
     except DataError as err:
         cause = err.__cause__ or err
-        where = " or ".join(f"`{common.shown_path(f)}`" for f in cifar_folders()[-1:])
+        where = f"`{str(cache_dir() / 'cifar10' / 'train').replace(str(Path.home()), '~', 1)}`"  # documented
         message = (f"CIFAR-10 is not on this server and could not be downloaded (is it offline? "
                    f"{type(cause).__name__}: {cause}). Put CIFAR-10's training images as class folders in {where} "
                    f"(or set VITDEMO_CIFAR10 to such a folder), or use the built-in shapes or a .zip of class "
