@@ -72,3 +72,17 @@ def test_training_like_images_are_mostly_not_flagged(tmp_path):
         _, info = classify_tab.classify(Image.open(tmp_path / member.name), models.SHIPPED, "eager")
         flagged += info["ood"]["flagged"]
     assert flagged <= 5, f"{flagged} of {len(members)} CIFAR-10 images flagged"
+
+
+def test_a_model_change_classifies_the_image_again_or_quietly_shows_nothing(monkeypatch):
+    """After the picker changes, the Classify tab answers with the new model; a model that cannot
+    be used (the pre-trained one, offline) empties the answer instead of raising a second message
+    (the note under the picker says why)."""
+    import vitdemo.app
+
+    image = Image.new("RGB", (64, 64), (120, 170, 230))
+    labels, info = vitdemo.app.classify_quietly(image, models.SHIPPED, "eager")
+    assert set(labels) <= set(CIFAR10_CLASSES) and info["model"] == models.SHIPPED
+    models.MODELS.remember_failure(models.PRETRAINED, "offline")
+    assert vitdemo.app.classify_quietly(image, models.PRETRAINED, "eager") == (None, None)
+    assert vitdemo.app.classify_quietly(None, models.SHIPPED, "eager") == (None, None)

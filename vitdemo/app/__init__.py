@@ -48,6 +48,17 @@ def select_model(name: str | None) -> tuple[Any, ...]:
             *attention_tab.model_views(name))
 
 
+def classify_quietly(image: Any, name: str | None, runtime: str) -> tuple[Any, Any]:
+    """The image classified again after the model changed; nothing (and no second message) when
+    that model cannot be used: the note under the picker already says why."""
+    if image is None:
+        return None, None
+    try:
+        return classify_tab.classify(image, name, runtime)
+    except gr.Error:
+        return None, None
+
+
 def build_demo() -> gr.Blocks:
     """The app. Launch it with `demo.launch(**launch_options())`."""
     drawn = [[str(p)] for p in draw_examples(common.APP_DIR / "examples")]
@@ -93,9 +104,17 @@ def build_demo() -> gr.Blocks:
         attn_inputs, attn_outputs = attention_tab.io(attention_ui, image, picker)
         patch_outputs = patches_tab.outputs(patches_ui)
 
+        classify_inputs = [image, picker, classify_ui["runtime"]]
+        classify_outputs = [classify_ui["label"], classify_ui["ms"]]
+        classify_again = if_image(classify_tab.classify, (None, None))
+        classify_queue = {"concurrency_limit": 3, "concurrency_id": "classify"}
+
         def on_model_change(event: Any) -> None:
             """After the picked model changes: its note, card, sliders and every view of the image."""
             done = event.then(select_model, picker, model_outputs, **HIDDEN)
+            done.then(classify_quietly, classify_inputs, classify_outputs, api_name="classify_for_model",
+                      **classify_queue, **HIDDEN).success(
+                classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
             done.then(position_tab.position_views, position_inputs, position_outputs, **HIDDEN)
             # Named, so that they leave the names "patches" and "explain" to the public endpoints.
             done.then(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs, **view,
@@ -107,10 +126,8 @@ def build_demo() -> gr.Blocks:
         on_model_change(picker.input(lambda name: name, picker, picker, **HIDDEN))
 
         # One image for every tab: a new image updates each tab's view of it.
-        classify_outputs = [classify_ui["label"], classify_ui["ms"]]
-        image.change(if_image(classify_tab.classify, (None, None)), [image, picker, classify_ui["runtime"]],
-                     classify_outputs, api_name="classify_on_change", concurrency_limit=3,
-                     concurrency_id="classify", **HIDDEN).success(
+        image.change(classify_again, classify_inputs, classify_outputs, api_name="classify_on_change",
+                     **classify_queue, **HIDDEN).success(
             classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
         image.change(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs,
                      api_name="patches", **view)
