@@ -1,5 +1,6 @@
 """Helpers shared by the tests (pytest puts this folder on sys.path: `from helpers import ...`)."""
 
+import contextlib
 import socket
 
 
@@ -42,3 +43,19 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@contextlib.contextmanager
+def stand_in_environment(root):
+    """`stand_in_app` for a module's tests, with torch on one thread (tiny models: one thread is
+    faster, and much faster on a busy machine); yields the stand-in checkpoint's path."""
+    import pytest
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            yield stand_in_app(mp, root)
+    finally:
+        torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import STAND_IN_CLASSES, free_port, stand_in_app
+from helpers import STAND_IN_CLASSES, free_port, stand_in_environment
 from PIL import Image
 
 import vitdemo
@@ -31,12 +31,8 @@ CLASSES = STAND_IN_CLASSES
 def app_env(tmp_path_factory):
     """A tiny 'shipped' model, server folders in a temporary directory, an empty model cache."""
     root = tmp_path_factory.mktemp("app")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on a busy machine
-    with pytest.MonkeyPatch.context() as mp:
-        stand_in_app(mp, root)
+    with stand_in_environment(root):
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from helpers import STAND_IN_CLASSES, free_port, stand_in_app
+from helpers import STAND_IN_CLASSES, free_port, stand_in_environment
 from PIL import Image
 
 import vitdemo.app
@@ -27,13 +27,8 @@ A = attention_tab
 
 @pytest.fixture(scope="module", autouse=True)
 def app_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("views")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on a busy machine
-    with pytest.MonkeyPatch.context() as mp:
-        checkpoint = stand_in_app(mp, root)
+    with stand_in_environment(tmp_path_factory.mktemp("views")) as checkpoint:
         yield checkpoint
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

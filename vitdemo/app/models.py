@@ -319,10 +319,17 @@ def model_card(model_name: str = SHIPPED) -> str:
     c = config
     lines += [
         "",
-        "| image | patch | tokens | width D | layers | heads | MLP | parameters |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {c.image_size[0]}x{c.image_size[1]} | {c.patch_size} | {c.num_patches} + 1 | {c.embed_dim} | {c.depth} "
-        f"| {c.num_heads} | {c.mlp_dim} | {count_parameters(c):,} |",
+        # One row per property: a row of eight columns letter-wraps on a phone.
+        "| | |",
+        "|---|---|",
+        f"| image | {c.image_size[0]}x{c.image_size[1]} pixels |",
+        f"| patch P | {c.patch_size}x{c.patch_size} |",
+        f"| tokens | {c.num_patches} patches + 1 class token |",
+        f"| width D | {c.embed_dim} |",
+        f"| layers L | {c.depth} |",
+        f"| heads | {c.num_heads} |",
+        f"| MLP | {c.mlp_dim} |",
+        f"| parameters | {count_parameters(c):,} |",
         "",
     ]
     names = list(meta.get("class_names", []))
