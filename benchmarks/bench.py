@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vitdemo  # noqa: E402
 from vitdemo import runtime, visualize  # noqa: E402
-from vitdemo.data import BatchAugment, iterate_batches, synthetic_shapes  # noqa: E402
+from vitdemo.augment import BatchAugment  # noqa: E402
+from vitdemo.data import iterate_batches, synthetic_shapes  # noqa: E402
 from vitdemo.engine import RECIPES, make_optimizer  # noqa: E402
 
 # Multiply-accumulates of one ViT-B/16 forward pass at 224 px (197 tokens): the patch projection, 12 x (qkv,
@@ -228,8 +229,8 @@ def section_data(repeats: int) -> None:
     opt = make_optimizer(model, RECIPES["small-data"])
     data = synthetic_shapes(num_classes=8, per_class=128, image_size=32, seed=0)
     batch = 128
-    for randaugment in (False, True):
-        augment = BatchAugment(32, (0.5,) * 3, (0.5,) * 3, randaugment=randaugment)
+    for policy in (None, "randaugment"):
+        augment = BatchAugment(32, (0.5,) * 3, (0.5,) * 3, policy=policy)
         ready = [(torch.randn(batch, 3, 32, 32), torch.randint(0, 8, (batch,))) for _ in range(8)]
 
         def step(x, y):
@@ -248,7 +249,7 @@ def section_data(repeats: int) -> None:
                 step(x, y)
 
         times = interleaved({"synthetic tensors": tensors, "real data path": real_path}, repeats)
-        name = "crop + flip + RandAugment" if randaugment else "crop + flip"
+        name = "crop + flip + RandAugment" if policy else "crop + flip"
         report(f"Training vit_cifar_4 with data path ({name}), 8 batches of 128", times, 8 * batch, "img/s",
                baseline="synthetic tensors")
         cost = statistics.median(times["real data path"]) / statistics.median(times["synthetic tensors"]) - 1

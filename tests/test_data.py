@@ -1,5 +1,6 @@
 """Data loading: image folders and zips (including hostile ones), CIFAR-10 offline behaviour,
-the synthetic shapes, splitting, batching, batch augmentation and the inference path."""
+the synthetic shapes, splitting, batching, normalisation and the inference path (batch
+augmentation: test_augment.py)."""
 
 import io
 import stat
@@ -27,7 +28,6 @@ from vitdemo.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SHAPES,
-    BatchAugment,
     DataError,
     ImageData,
     iterate_batches,
@@ -771,7 +771,7 @@ def test_image_data_subset_and_validation():
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalisation and batch augmentation
+# Normalisation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -784,97 +784,6 @@ def test_normalize():
     mean, std = torch.tensor(CIFAR_MEAN).view(3, 1, 1), torch.tensor(CIFAR_STD).view(3, 1, 1)
     torch.testing.assert_close(normalize(x, CIFAR_MEAN, CIFAR_STD), (x / 255.0 - mean) / std)
     assert normalize(x[0], CIFAR_MEAN, CIFAR_STD).shape == (3, 8, 8)
-
-
-def test_augment_without_crop_or_flip_is_normalize():
-    x = batch()
-    aug = BatchAugment(8, CIFAR_MEAN, CIFAR_STD, crop_padding=0, flip=False)
-    out = aug(x)
-    assert out.dtype == torch.float32 and out.shape == (16, 3, 8, 8)
-    assert torch.equal(out, normalize(x, CIFAR_MEAN, CIFAR_STD))
-    assert torch.equal(BatchAugment(8, CIFAR_MEAN, CIFAR_STD, crop_padding=None, flip=False)(x), out)
-
-
-def test_augment_flip_mirrors_some_samples():
-    x = batch(32)
-    out = BatchAugment(8, (0, 0, 0), (1, 1, 1), crop_padding=0, flip=True)(x, torch.Generator().manual_seed(0))
-    ref = normalize(x, (0, 0, 0), (1, 1, 1))
-    same = (out == ref).flatten(1).all(1)
-    mirrored = (out == ref.flip(-1)).flatten(1).all(1)
-    assert (same | mirrored).all() and same.any() and mirrored.any()
-
-
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
-def test_augment_crop_is_a_shifted_window_of_the_padded_image(mode):
-    x = batch(32)
-    aug = BatchAugment(8, (0, 0, 0), (1, 1, 1), crop_padding=3, flip=False, padding_mode=mode)
-    out = aug(x, torch.Generator().manual_seed(0))
-    padded = F.pad(x.float() / 255, (3, 3, 3, 3), mode=mode)
-    offsets = []
-    for i in range(len(x)):
-        found = [(dy, dx) for dy in range(7) for dx in range(7)
-                 if torch.allclose(out[i], padded[i, :, dy:dy + 8, dx:dx + 8], atol=1e-6)]
-        assert found, f"sample {i} is not a window of its padded image"
-        offsets.append(found[0])
-    assert len(set(offsets)) > 5  # offsets drawn per sample
-
-
-def test_augment_is_reproducible_with_a_generator_and_crops_larger_images():
-    x = batch(8, s=12)
-    aug = BatchAugment(8, CIFAR_MEAN, CIFAR_STD, crop_padding=2)
-    a = aug(x, torch.Generator().manual_seed(5))
-    assert a.shape == (8, 3, 8, 8)
-    assert torch.equal(a, aug(x, torch.Generator().manual_seed(5)))
-    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(6)))
-    with pytest.raises(ValueError):
-        BatchAugment(32, CIFAR_MEAN, CIFAR_STD, crop_padding=2)(x)
-    with pytest.raises(ValueError):
-        aug(x.float())
-
-
-def test_augment_randaugment_runs_reproducibly_and_leaves_the_global_rng_alone():
-    x = batch(4, s=16)
-    aug = BatchAugment(16, CIFAR_MEAN, CIFAR_STD, randaugment=True)
-    state = torch.get_rng_state()
-    a = aug(x, torch.Generator().manual_seed(1))
-    assert torch.equal(torch.get_rng_state(), state)
-    assert a.shape == (4, 3, 16, 16) and a.dtype == torch.float32 and torch.isfinite(a).all()
-    assert torch.equal(a, aug(x, torch.Generator().manual_seed(1)))
-
-
-def test_augment_randaugment_gives_each_image_what_torchvision_gives_it_for_its_draws():
-    x = batch(48, s=16)
-    aug = BatchAugment(16, CIFAR_MEAN, CIFAR_STD, crop_padding=None, flip=False, randaugment=True)
-    rounds = aug.randaugment_draws(x, torch.Generator().manual_seed(3))
-    assert len(rounds) == 2 and all(len(draws) == 48 for draws in rounds)
-    ops = {name for draws in rounds for name, _ in draws}
-    assert len(ops) >= 10  # drawn per image: 96 draws cover most of the 14 operations
-    assert any(m < 0 for draws in rounds for _, m in draws)  # signed operations take both signs
-    ra = aug.randaugment
-    expected = []
-    for i, image in enumerate(x):
-        for draws in rounds:
-            name, magnitude = draws[i]
-            image = ra._apply_image_or_video_transform(image, name, magnitude, interpolation=ra.interpolation,
-                                                       fill=ra._fill)
-        expected.append(image)
-    out = aug._randaugment(x, torch.Generator().manual_seed(3))
-    assert torch.equal(out, torch.stack(expected))
-    assert torch.equal(aug(x, torch.Generator().manual_seed(3)), normalize(out, CIFAR_MEAN, CIFAR_STD))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_augment_on_gpu_with_a_gpu_generator_matches_the_cpu_semantics():
-    x = batch(32).cuda()
-    aug = BatchAugment(8, CIFAR_MEAN, CIFAR_STD, crop_padding=0, flip=True)
-    out = aug(x, torch.Generator(device="cuda").manual_seed(0))
-    assert out.device.type == "cuda" and out.dtype == torch.float32
-    ref = normalize(x, CIFAR_MEAN, CIFAR_STD)
-    same, mirrored = (out == ref).flatten(1).all(1), (out == ref.flip(-1)).flatten(1).all(1)
-    assert (same | mirrored).all() and same.any() and mirrored.any()
-    cropped = BatchAugment(8, CIFAR_MEAN, CIFAR_STD, randaugment=True)(x, torch.Generator(device="cuda").manual_seed(0))
-    assert cropped.shape == (32, 3, 8, 8) and torch.isfinite(cropped).all()
-    assert torch.equal(aug(x, torch.Generator().manual_seed(1)).cpu(), aug(x.cpu(), torch.Generator().manual_seed(1)))
 
 
 def test_unpadded_ranks_split_evaluation_exactly():

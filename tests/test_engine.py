@@ -230,12 +230,12 @@ def test_augmenting_batches_ahead_augments_each_image_once_and_keeps_the_order()
 
     calls = []
 
-    def augment(x, generator=None):
+    def augment(x, generator=None, host_generator=None):
         calls.append(len(x))
         return x.float() + 0.5
 
     batches = [(torch.full((n, 3, 2, 2), i, dtype=torch.uint8), torch.full((n,), i)) for i, n in enumerate([4, 4, 4, 4, 3])]
-    out = list(_augmented(iter(batches), augment, torch.device("cpu"), torch.Generator(), ahead=2))
+    out = list(_augmented(iter(batches), augment, torch.device("cpu"), torch.Generator(), torch.Generator(), ahead=2))
     assert calls == [8, 8, 3]  # one call per 2 batches, the last one short
     assert [len(y) for _, y in out] == [4, 4, 4, 4, 3]
     for i, (x, y) in enumerate(out):

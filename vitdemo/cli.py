@@ -42,7 +42,7 @@ from .data import (
     synthetic_shapes,
 )
 from . import cli_support as support
-from .engine import RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
+from .engine import COMPILE_MODES, RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
 from .pretrained import PretrainedUnavailable
 from .runtime import RUNTIMES, RuntimeUnavailable, export_onnx, load_onnx
 
@@ -177,7 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = RECIPES[args.recipe].replace(**{k: v for k, v in (
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
         ("weight_decay", args.weight_decay), ("warmup", args.warmup), ("label_smoothing", args.label_smoothing),
-        ("randaugment", args.randaugment or None)) if v is not None})
+        ("policy", "randaugment" if args.randaugment else args.policy), ("erasing", args.erasing),
+        ("mixup_alpha", args.mixup), ("cutmix_alpha", args.cutmix), ("repeats", args.repeats),
+        ("ema_decay", args.ema)) if v is not None})
     params = sum(p.numel() for p in model.parameters())
     _print(f"{len(train_data)} training and {len(val_data) if val_data else 0} validation images, "
            f"{len(data.class_names)} classes; model {params:,} parameters on {device}; recipe {recipe}")
@@ -188,8 +190,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     events = train(model, train_data, val_data, recipe, preprocess=prep, out_dir=out, seed=args.seed,
                    device=device, resume=args.resume, freeze_backbone=args.freeze_backbone,
-                   log_every=args.log_every, metadata={"data": args.data, "split_seed": args.split_seed,
-                                                       "val_size": args.val_size})
+                   log_every=args.log_every, compile=args.compile,
+                   metadata={"data": args.data, "split_seed": args.split_seed, "val_size": args.val_size})
     bar = None
     for event in events:
         if isinstance(event, StepEvent):
@@ -203,6 +205,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif isinstance(event, EpochEvent):
             val = (f" | test_loss: {event.val_loss:.4f} | test_acc: {event.val_acc:.4f}"
                    if event.val_loss is not None else "")
+            if event.ema_val_acc is not None:
+                val += f" | ema_test_acc: {event.ema_val_acc:.4f}"
             line = (f"Epoch: {event.epoch} | train_loss: {event.train_loss:.4f} | train_acc: {event.train_acc:.4f}"
                     f"{val} | {event.seconds:.0f}s")
             (bar.write if bar is not None else _print)(line) if _is_main() else None
@@ -424,7 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                 f"({support.recipe_default('warmup')})")
     t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy loss "
                                                          f"({support.recipe_default('label_smoothing')})")
-    t.add_argument("--randaugment", action="store_true", help="add RandAugment (pays only on long schedules)")
+    t.add_argument("--randaugment", action="store_true", help="add RandAugment (same as --policy randaugment)")
+    t.add_argument("--policy", choices=["randaugment", "autoaugment"],
+                   help="augmentation policy drawn per image: RandAugment, or AutoAugment's CIFAR-10 policy "
+                        f"({support.recipe_default('policy')})")
+    t.add_argument("--erasing", type=float, help="probability of random erasing per image "
+                                                 f"({support.recipe_default('erasing')})")
+    t.add_argument("--mixup", type=float, metavar="ALPHA", help="Mixup's alpha, 0 off "
+                                                                f"({support.recipe_default('mixup_alpha')})")
+    t.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix's alpha, 0 off; with Mixup too, one of "
+                                                                 f"the two per batch ({support.recipe_default('cutmix_alpha')})")
+    t.add_argument("--repeats", type=int, help="repeated augmentation: copies of each image per batch "
+                                               f"({support.recipe_default('repeats')})")
+    t.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
+                                                              "with this decay per step, 0 off; validated and saved "
+                                                              f"in OUT/ema/ ({support.recipe_default('ema_decay')})")
+    t.add_argument("--compile", nargs="?", const="default", choices=list(COMPILE_MODES),
+                   help="compile the training step with torch.compile (a slower start; pays on a GPU); "
+                        "reduce-overhead also captures CUDA graphs")
     t.add_argument("--max-images-per-class", type=int, help="use at most this many images of each class")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -75,10 +75,14 @@ def program_name() -> str:
 def recipe_default(field: str) -> str:
     """"default from --recipe: paper 3e-3, small-data 1e-3, finetune 0.01" for a recipe field,
     read from the recipes themselves so help never disagrees with them."""
-    values = {name: getattr(recipe, field) for name, recipe in RECIPES.items()}
+    values = {name: _shown(getattr(recipe, field)) for name, recipe in RECIPES.items()}
     if len(set(values.values())) == 1:
-        return f"default from --recipe: {next(iter(values.values())):g} in each"
-    return "default from --recipe: " + ", ".join(f"{name} {value:g}" for name, value in values.items())
+        return f"default from --recipe: {next(iter(values.values()))} in each"
+    return "default from --recipe: " + ", ".join(f"{name} {value}" for name, value in values.items())
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def positive_int(text: str) -> int:

@@ -1,7 +1,7 @@
 """Data for training a ViT on small data sets on a CPU.
 
 Images are decoded once, resized to the model's size and held in memory as one uint8 tensor
-(N, 3, S, S). Augmentation then runs on whole batches (`BatchAugment`), so the CPU cores go to
+(N, 3, S, S). Augmentation then runs on whole batches (`vitdemo.augment`), so the CPU cores go to
 the model rather than to DataLoader workers decoding the same JPEGs every epoch.
 
 Read top to bottom: the `ImageData` container, opening one image safely, folders and zips,
@@ -34,7 +34,6 @@ import torch
 import torchvision
 from PIL import Image, ImageOps
 from torch import Tensor
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -673,6 +672,7 @@ def iterate_batches(
     rank: int = 0,
     world_size: int = 1,
     pad: bool = True,
+    repeats: int = 1,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of (uint8 images, labels) batches.
 
@@ -680,13 +680,23 @@ def iterate_batches(
     world_size-th index of the same permutation, padded (by repeating its start, as
     DistributedSampler does) so all ranks run the same number of batches. Evaluation passes
     `pad=False` so that no image is counted twice.
+
+    `repeats` > 1 is repeated augmentation (Hoffer et al. 2020, "Augment your batch"; Berman et
+    al. 2019; used by DeiT): every (global) batch holds batch/repeats distinct images, each
+    `repeats` times, for augmentation to draw differently; the epoch keeps its length, so it sees
+    1/repeats of the images. Copies are laid out a, b, c, ..., a, b, c, ... so that a batch
+    flipped end to end (how Mixup and CutMix pair images) rarely pairs an image with itself.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if repeats > 1 and n:
+        order = _repeated(order, batch_size * world_size, repeats)
     if world_size > 1 and n and not pad:
         order = order[rank::world_size]
     elif world_size > 1 and n:
@@ -698,8 +708,18 @@ def iterate_batches(
         yield data.images[idx], data.labels[idx]
 
 
+def _repeated(order: Tensor, batch: int, repeats: int) -> Tensor:
+    """`order` laid out for repeated augmentation: each batch is ceil(batch / repeats) images of
+    `order`, in turn, tiled `repeats` times and cut to `batch`; as long as `order`."""
+    distinct = math.ceil(batch / repeats)
+    batches = math.ceil(len(order) / batch)
+    # batches * distinct exceeds len(order) only for a data set smaller than one batch's share.
+    groups = order.repeat(math.ceil(batches * distinct / len(order)))[:batches * distinct].view(batches, distinct)
+    return groups.repeat(1, repeats)[:, :batch].flatten()[:len(order)]
+
+
 # ---------------------------------------------------------------------------------------------
-# Augmentation and normalisation on whole batches
+# Normalisation (augmentation on whole batches is in vitdemo.augment)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -710,120 +730,6 @@ def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float])
     std_t = torch.as_tensor(std, dtype=torch.float32, device=images_uint8.device).view(shape)
     # One multiply-add instead of three passes over the batch.
     return torch.addcmul(-mean_t / std_t, images_uint8.to(torch.float32), 1.0 / (255.0 * std_t))
-
-
-class BatchAugment:
-    """Training augmentation for a uint8 batch: random crop from the padded image and horizontal
-    flip, each drawn per sample and done in one gather, optional RandAugment, then `normalize`.
-
-    Pass a `torch.Generator` for reproducible batches; without one the global RNG is used.
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        crop_padding: int | None = 4,
-        flip: bool = True,
-        randaugment: bool = False,
-        padding_mode: str = "constant",
-    ) -> None:
-        if padding_mode not in ("constant", "reflect"):
-            raise ValueError(f"padding_mode must be 'constant' or 'reflect', got {padding_mode!r}")
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.crop_padding, self.flip, self.padding_mode = crop_padding, flip, padding_mode
-        self.randaugment = v2.RandAugment() if randaugment else None
-
-    def __repr__(self) -> str:
-        return (f"BatchAugment(image_size={self.image_size}, crop_padding={self.crop_padding}, flip={self.flip}, "
-                f"randaugment={self.randaugment is not None}, padding_mode={self.padding_mode!r})")
-
-    def __call__(self, images_uint8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = images_uint8
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        s, pad = self.image_size, self.crop_padding or 0
-        if min(h, w) + 2 * pad < s:
-            raise ValueError(f"images {h}x{w} padded by {pad} are smaller than image_size {s}")
-        if pad or h != s or w != s or self.flip:
-            x = self._crop_flip(x, s, pad, generator)
-        if self.randaugment is not None:
-            x = self._randaugment(x, generator)
-        return normalize(x, self.mean, self.std)
-
-    def _crop_flip(self, x: Tensor, s: int, pad: int, generator: torch.Generator | None) -> Tensor:
-        b, c, h, w = x.shape
-        # Random draws happen where the generator lives (CPU or GPU), whatever device the batch is on.
-        dev = generator.device if generator is not None else torch.device("cpu")
-        # Offsets into the (virtually) padded image.
-        top = torch.randint(0, h + 2 * pad - s + 1, (b, 1), generator=generator, device=dev) - pad
-        left = torch.randint(0, w + 2 * pad - s + 1, (b, 1), generator=generator, device=dev) - pad
-        rows = top + torch.arange(s, device=dev)  # (b, s) source row of every output row
-        cols = left + torch.arange(s, device=dev)
-        if self.flip:
-            flipped = torch.rand((b, 1), generator=generator, device=dev) < 0.5
-            cols = torch.where(flipped, cols.flip(1), cols)
-        # Padding without materialising it: map outside indices back inside (reflect) or to zero.
-        inside = (rows >= 0) & (rows < h)
-        inside = inside[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (b, s, s)
-        if self.padding_mode == "reflect":
-            rows, cols = _reflect(rows, h), _reflect(cols, w)
-        rows, cols = rows.clamp(0, h - 1).to(x.device), cols.clamp(0, w - 1).to(x.device)
-        batch = torch.arange(b, device=x.device)[:, None, None, None]
-        channel = torch.arange(c, device=x.device)[None, :, None, None]
-        out = x[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-        if self.padding_mode == "constant" and pad:
-            out = out * inside[:, None].to(x.device)
-        return out
-
-    def _randaugment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        """torchvision's RandAugment, drawn per image but applied per operation: every image
-        draws its own operations and signs (`randaugment_draws`), then each operation runs once
-        on all the images that drew it. The operations treat the images of a batch independently,
-        so every image gets what `v2.RandAugment` would give it for the same draws, in at most 23
-        calls per round instead of one per image (fewer kernel launches on a GPU, less Python
-        overhead on a CPU)."""
-        ra = self.randaugment
-        for draws in self.randaugment_draws(x, generator):
-            groups: dict[tuple[str, float], list[int]] = {}
-            for i, draw in enumerate(draws):
-                groups.setdefault(draw, []).append(i)
-            out = x.clone()
-            for (name, magnitude), members in groups.items():
-                idx = torch.tensor(members, device=x.device)
-                out[idx] = ra._apply_image_or_video_transform(x[idx], name, magnitude,
-                                                              interpolation=ra.interpolation, fill=ra._fill)
-            x = out
-        return x
-
-    def randaugment_draws(self, x: Tensor, generator: torch.Generator | None) -> list[list[tuple[str, float]]]:
-        """RandAugment's random choices for a batch: for each of its rounds, an (operation,
-        signed magnitude) per image, drawn as `v2.RandAugment.forward` draws them for one image."""
-        ra = self.randaugment
-        dev = generator.device if generator is not None else torch.device("cpu")
-        b, _, h, w = x.shape
-        choices = []  # (operation, magnitude at this image size, signed?)
-        for name, (magnitudes_fn, signed) in ra._AUGMENTATION_SPACE.items():
-            magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
-            choices.append((name, 0.0 if magnitudes is None else float(magnitudes[ra.magnitude]), signed))
-        rounds = []
-        for _ in range(ra.num_ops):
-            ops = torch.randint(len(choices), (b,), generator=generator, device=dev).tolist()
-            negative = (torch.rand(b, generator=generator, device=dev) <= 0.5).tolist()
-            rounds.append([(choices[op][0], -choices[op][1] if choices[op][2] and neg else choices[op][1])
-                           for op, neg in zip(ops, negative)])
-        return rounds
-
-
-def _reflect(index: Tensor, size: int) -> Tensor:
-    """Reflect-pad indices (without repeating the edge pixel), as F.pad(mode='reflect')."""
-    if size == 1:
-        return torch.zeros_like(index)
-    period = 2 * (size - 1)
-    index = index.remainder(period)
-    return torch.where(index >= size, period - index, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,7 +787,6 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SHAPES",
-    "BatchAugment",
     "DataError",
     "ImageData",
     "decode_rgb",
