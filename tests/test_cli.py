@@ -446,3 +446,17 @@ def test_int8_runtime_exports_afresh_when_the_file_beside_is_of_other_weights(ru
     assert prepared == [("int8", None)]  # a temporary export; the file beside is left as it is
     assert "not of these weights" in capsys.readouterr().err
     assert (run / "model.int8.onnx").read_bytes() == shipped.read_bytes()
+
+
+def test_recipe_options_override_the_recipe_and_ema_is_saved_beside_the_run(tmp_path, capsys):
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu",
+                 "--max-images-per-class", "40", "--recipe", "small-vit", "--policy", "none", "--mixup", "0",
+                 "--repeats", "2", "--ema", "0.9", *TINY]) == 0
+    recipe = json.loads((tmp_path / "results.json").read_text())["recipe"]
+    assert recipe["policy"] is None and recipe["mixup_alpha"] == 0 and recipe["repeats"] == 2
+    assert recipe["cutmix_alpha"] == 1.0 and recipe["erasing"] == 0.25  # the rest from small-vit
+    assert "ema_test_acc: " in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "ema")[1]["metrics"]["epoch"] == 1
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "r"), "--epochs", "1", "--device", "cpu",
+                 "--max-images-per-class", "40", "--randaugment", *TINY]) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["recipe"]["policy"] == "randaugment"

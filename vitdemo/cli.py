@@ -174,12 +174,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 _print(note)
     train_data, val_data = split(data, args.val_size, args.split_seed)
 
+    policy = "randaugment" if args.randaugment else args.policy
     recipe = RECIPES[args.recipe].replace(**{k: v for k, v in (
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
         ("weight_decay", args.weight_decay), ("warmup", args.warmup), ("label_smoothing", args.label_smoothing),
-        ("policy", "randaugment" if args.randaugment else args.policy), ("erasing", args.erasing),
-        ("mixup_alpha", args.mixup), ("cutmix_alpha", args.cutmix), ("repeats", args.repeats),
-        ("ema_decay", args.ema)) if v is not None})
+        ("erasing", args.erasing), ("mixup_alpha", args.mixup), ("cutmix_alpha", args.cutmix),
+        ("repeats", args.repeats), ("ema_decay", args.ema)) if v is not None})
+    if policy is not None:
+        recipe = recipe.replace(policy=None if policy == "none" else policy)
     params = sum(p.numel() for p in model.parameters())
     _print(f"{len(train_data)} training and {len(val_data) if val_data else 0} validation images, "
            f"{len(data.class_names)} classes; model {params:,} parameters on {device}; recipe {recipe}")
@@ -429,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy loss "
                                                          f"({support.recipe_default('label_smoothing')})")
     t.add_argument("--randaugment", action="store_true", help="add RandAugment (same as --policy randaugment)")
-    t.add_argument("--policy", choices=["randaugment", "autoaugment"],
-                   help="augmentation policy drawn per image: RandAugment, or AutoAugment's CIFAR-10 policy "
+    t.add_argument("--policy", choices=["randaugment", "autoaugment", "none"],
+                   help="augmentation policy drawn per image: RandAugment, AutoAugment's CIFAR-10 policy, or none "
                         f"({support.recipe_default('policy')})")
     t.add_argument("--erasing", type=float, help="probability of random erasing per image "
                                                  f"({support.recipe_default('erasing')})")
