@@ -44,6 +44,10 @@ tar -xzf .device/cifar10-train.tar.gz -C "$DATA"
 python3 -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee "$RESULTS/versions.txt"
 
+if [ "$DEVICE" = cuda ]; then  # the tests that only a GPU runs, first: a broken GPU path shows here
+    python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_recipe.py -k "gpu or cuda" 2>&1 \
+        | tail -15 | tee "$RESULTS/gpu_tests.txt" || true
+fi
 if [ "$DEVICE" = cuda ] && [ "$BENCH" = 1 ]; then
     {
         python3 benchmarks/engine_speed.py step --device cuda --batch 512 --compile reduce-overhead

@@ -204,3 +204,34 @@ def test_compiled_step_follows_the_eager_curve(shapes):
     assert compiled == pytest.approx(eager, rel=1e-3)
     with pytest.raises(ValueError, match="compile"):
         run(small_model(), shapes, recipe, compile="fastest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_augments_on_a_side_stream_the_batches_the_main_stream_would():
+    import dataclasses
+
+    from vitdemo.augment import BatchAugment
+    from vitdemo.engine import _augmented
+
+    data = synthetic_shapes(num_classes=4, per_class=64, image_size=32, seed=0)
+    data = dataclasses.replace(data, images=data.images.cuda(), labels=data.labels.cuda())
+    aug = BatchAugment(32, (0.5,) * 3, (0.5,) * 3, policy="autoaugment", erasing=0.25)
+
+    def batches():
+        return iterate_batches(data, 32, True, generator=torch.Generator().manual_seed(0), repeats=2)
+
+    got = list(_augmented(batches(), aug, torch.device("cuda"), torch.Generator("cuda").manual_seed(1),
+                          torch.Generator().manual_seed(2), ahead=4))
+    group = list(batches())
+    expected = aug(torch.cat([x for x, _ in group[:4]]), generator=torch.Generator("cuda").manual_seed(1),
+                   host_generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.cat([x for x, _ in got[:4]]), expected)
+    assert torch.equal(torch.cat([y for _, y in got]), torch.cat([y for _, y in group]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_with_the_bundle_repeats_itself(shapes):
+    runs = [list(train(small_model(), shapes[0], shapes[1], BUNDLE.replace(epochs=1), preprocess=PREP,
+                       device="cuda"))[-1].history for _ in range(2)]
+    for key in ("train_loss", "test_acc", "ema_val_acc"):
+        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-3), key

@@ -171,9 +171,18 @@ class BatchAugment:
             for i, draw in enumerate(draws):
                 if draw is not None:  # None: this image skips the operation
                     groups.setdefault(draw, []).append(i)
-            out = x.clone()
+            if not groups:
+                continue
+            # Every group's image indices in one transfer (from pinned memory, so a GPU does not
+            # have to finish its queued work first), sliced per group there.
+            flat = torch.tensor([i for members in groups.values() for i in members])
+            if x.device.type == "cuda":
+                flat = flat.pin_memory()
+            flat = flat.to(x.device, non_blocking=True)
+            out, start = x.clone(), 0
             for (name, magnitude), members in groups.items():
-                idx = torch.tensor(members, device=x.device)
+                idx = flat[start:start + len(members)]
+                start += len(members)
                 out[idx] = t._apply_image_or_video_transform(x[idx], name, magnitude,
                                                              interpolation=t.interpolation, fill=t._fill)
             x = out

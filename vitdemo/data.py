@@ -697,6 +697,9 @@ def iterate_batches(
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if repeats > 1 and n:
         order = _repeated(order, batch_size * world_size, repeats)
+    # Indices where the data are (a GPU: one copy per epoch; indexing with host indices would copy,
+    # and wait for the GPU, at every batch).
+    order = order.to(data.images.device)
     if world_size > 1 and n and not pad:
         order = order[rank::world_size]
     elif world_size > 1 and n:

@@ -12,6 +12,8 @@ on disk is intact. Every epoch draws its shuffling, augmentation and dropout ran
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -26,7 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import ood
 from .augment import BatchAugment, MixUpCutMix, soft_cross_entropy
@@ -409,8 +410,7 @@ def train(
     # On a GPU one fused kernel updates every parameter (instead of a dozen launches per tensor group).
     optimizer = make_optimizer(net, recipe, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, recipe.warmup))
-    ema = (AveragedModel(base, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
-           if recipe.ema_decay else None)
+    ema = WeightAverage(base, recipe.ema_decay) if recipe.ema_decay else None
     step_net = torch.compile(net, mode=None if compile == "default" else compile) if compile else net
 
     def evaluated(m: nn.Module) -> tuple[float, float]:
@@ -484,7 +484,7 @@ def train(
             optimizer.step()
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(base)
+                ema.update()
             step += 1
             # Training accuracy counts the label of each image as drawn (the first of a mixed pair).
             pending.append((loss.detach(), (logits.argmax(1) == y).sum(), len(y)))
@@ -555,6 +555,39 @@ def train(
     yield DoneEvent(history, stopped, time.perf_counter() - run_start, saved_checkpoint)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak and Juditsky 1992; kept by DeiT
+    and timm's `ModelEma`), updated after every optimiser step:
+
+        average <- decay * average + (1 - decay) * weights     (the first update copies)
+
+    `module` is a copy of the model holding the average, so it validates and saves as a model does.
+    One multi-tensor kernel per update and a Python counter: unlike `torch.optim.swa_utils.
+    AveragedModel`, whose counter is a tensor copied to the device every step, it never makes
+    the host wait for a GPU."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        self._mine = [t for t in itertools.chain(self.module.parameters(), self.module.buffers()) if t.is_floating_point()]
+        self._theirs = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.updates == 0:
+            torch._foreach_copy_(self._mine, self._theirs)
+        else:
+            torch._foreach_lerp_(self._mine, self._theirs, 1.0 - self.decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
 def _read_back(pending: list[tuple[Tensor, Tensor, int]], step: int, epoch: int, lr: float,
                totals: tuple[list[float], ...]) -> None:
     """Add the pending steps' (loss * n, correct, n) to each of `totals`, in one transfer, and
@@ -583,12 +616,30 @@ def _augmented(batches: Iterator[tuple[Tensor, Tensor]], augment: BatchAugment, 
                ) -> Iterator[tuple[Tensor, Tensor]]:
     """Move batches to `device` and augment them, `ahead` batches in one call. Augmentation is
     drawn image by image, so grouping changes only the number of calls, and so of kernel launches,
-    by which a small ViT's step on a GPU is bound."""
-    while group := list(itertools.islice(batches, ahead)):
-        x = augment(torch.cat([images for images, _ in group]).to(device, non_blocking=True), generator=generator,
-                    host_generator=host_generator)
-        for part, (_, labels) in zip(x.split([len(labels) for _, labels in group]), group):
-            yield part, labels.to(device, non_blocking=True)
+    by which a small ViT's step on a GPU is bound.
+
+    On a GPU, batches are gathered and augmented on a side stream: some of torchvision's
+    operations copy a small matrix from the host, which makes the host wait for the stream it
+    runs on; there that is the augmentation's own short queue, while the training steps already
+    queued on the main stream keep the GPU busy. The main stream waits for the side stream (an
+    event, not the host) before it reads a batch."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    main = torch.cuda.current_stream(device) if side is not None else None
+    if side is not None:
+        side.wait_stream(main)  # whatever the main stream wrote to the data (the upload) comes first
+    while True:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            group = list(itertools.islice(batches, ahead))  # the gathering runs here too
+            if not group:
+                return
+            x = augment(torch.cat([images for images, _ in group]).to(device, non_blocking=True),
+                        generator=generator, host_generator=host_generator)
+            labels = [y.to(device, non_blocking=True) for _, y in group]
+        if side is not None:
+            main.wait_stream(side)
+            for t in (x, *labels):  # made on the side stream, used on the main one
+                t.record_stream(main)
+        yield from zip(x.split([len(y) for y in labels]), labels)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
