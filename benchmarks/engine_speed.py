@@ -84,6 +84,12 @@ def time_steps(step, device: torch.device, steps: int, repeats: int) -> list[flo
     return times
 
 
+def print_ratios(rates: dict[str, float], baseline: str) -> None:
+    for name, rate in rates.items():
+        if baseline in rates and name != baseline:
+            print(f"  {name} / {baseline}: {rate / rates[baseline]:.2f}x")
+
+
 def section_step(args, device: torch.device) -> None:
     config = vitdemo.get_config(args.preset, num_classes=10)
     fns = {}
@@ -108,10 +114,7 @@ def section_step(args, device: torch.device) -> None:
         rates[name] = args.batch / statistics.median(times)
         print(f"  {name:<28} {statistics.median(times) * 1e3:8.2f} ms/step  {rates[name]:9.0f} img/s"
               f"  (min-max {min(times) * 1e3:.2f}-{max(times) * 1e3:.2f} ms)")
-    if "timm eager" in rates:
-        for name, rate in rates.items():
-            if name != "timm eager":
-                print(f"  {name} / timm eager: {rate / rates['timm eager']:.2f}x")
+    print_ratios(rates, "timm eager")
 
 
 def section_run(args, device: torch.device) -> None:
@@ -138,10 +141,7 @@ def section_run(args, device: torch.device) -> None:
         rates[name] = args.images / epochs[1].seconds
         print(f"  {name:<36} {rates[name]:9.0f} img/s  (epoch 1 incl. warm-up: {epochs[0].seconds:.1f} s, "
               f"epoch 2: {epochs[1].seconds:.1f} s)")
-    if "eager" in rates:
-        for name, rate in rates.items():
-            if name != "eager":
-                print(f"  {name} / eager: {rate / rates['eager']:.2f}x")
+    print_ratios(rates, "eager")
 
 
 def main() -> None:

@@ -15,6 +15,18 @@ def free_port() -> int:
 STAND_IN_CLASSES = ["circle", "square", "triangle", "cross"]
 
 
+def small_model(seed=0, **overrides):
+    """A two-layer, 64-wide ViT for 32 px images and four classes, its weights drawn from `seed`."""
+    import torch
+
+    import vitdemo
+
+    torch.manual_seed(seed)
+    cfg = dict(num_classes=4, depth=2, embed_dim=64, num_heads=4, mlp_dim=128)
+    cfg.update(overrides)
+    return vitdemo.create_model("vit_cifar_4", **cfg)
+
+
 def stand_in_app(mp, root):
     """Point the app (vitdemo.app) at a tiny stand-in 'shipped' model and at server folders under
     `root`, with an empty model cache; `mp` is a pytest MonkeyPatch. Returns the stand-in checkpoint's path."""

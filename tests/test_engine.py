@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from helpers import small_model
 
-import vitdemo
 from vitdemo.checkpoint import load_checkpoint, preprocessing
 from vitdemo.data import synthetic_shapes
 from vitdemo.engine import (
@@ -21,13 +21,6 @@ from vitdemo.engine import (
 )
 
 PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def small_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(num_classes=4, depth=2, embed_dim=64, num_heads=4, mlp_dim=128)
-    cfg.update(overrides)
-    return vitdemo.create_model("vit_cifar_4", **cfg)
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +123,8 @@ def test_freeze_backbone_trains_only_the_head(shapes):
 
 
 def test_cached_features_are_the_class_token_features(shapes):
-    from vitdemo.engine import extract_features
     from vitdemo.data import normalize
+    from vitdemo.engine import extract_features
 
     model = small_model().eval()
     data = shapes[1].subset(torch.arange(5))

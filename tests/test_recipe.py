@@ -4,21 +4,14 @@ that also run on a CPU (fused optimiser, compiled step)."""
 
 import pytest
 import torch
+from helpers import small_model
 
-import vitdemo
 from vitdemo.checkpoint import load_checkpoint, preprocessing
 from vitdemo.data import ImageData, iterate_batches, stratified_split, synthetic_shapes
-from vitdemo.engine import RECIPES, EMA_DIR, EpochEvent, Recipe, StepEvent, TrainingError, make_optimizer, train
+from vitdemo.engine import EMA_DIR, RECIPES, EpochEvent, Recipe, StepEvent, TrainingError, make_optimizer, train
 
 PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 BUNDLE = RECIPES["small-vit"].replace(epochs=2, batch_size=48, ema_decay=0.9)
-
-
-def small_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(num_classes=4, depth=2, embed_dim=64, num_heads=4, mlp_dim=128)
-    cfg.update(overrides)
-    return vitdemo.create_model("vit_cifar_4", **cfg)
 
 
 @pytest.fixture(scope="module")
