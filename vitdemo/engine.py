@@ -397,7 +397,7 @@ def train(
             mixer = MixUpCutMix(base.config.num_classes, mixup_alpha=recipe.mixup_alpha,
                                 cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
                                 label_smoothing=recipe.label_smoothing)
-    if device.type == "cuda":
+    if device.type == "cuda" and isinstance(train_inputs, ImageData):
         # The whole training set lives on the GPU (CIFAR-10: 138 MB as uint8): batches are gathered
         # there, with no copy from the host per step.
         train_inputs = dataclasses.replace(train_inputs, images=train_inputs.images.to(device),
