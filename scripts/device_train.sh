@@ -33,7 +33,8 @@ EMA=${EMA:-0.9995}
 COMPILE=${COMPILE---compile}  # COMPILE= (empty) for eager
 ABLATE=${ABLATE:-0}
 ABLATION_EPOCHS=${ABLATION_EPOCHS:-$EPOCHS}
-BENCH=${BENCH:-1}
+BENCH=${BENCH:-1}  # BENCH=0: no speed measurements
+TRAIN=${TRAIN:-1}  # TRAIN=0: tests and speed only (a first call, to size the run by the speeds seen)
 LIMIT=${LIMIT:-}  # images per class, for a trial run
 DATA=/tmp/vitdemo-data
 export PYTHONUNBUFFERED=1
@@ -73,7 +74,7 @@ train() {  # NAME EPOCHS [more train options]
 }
 : > "$RESULTS/commands.txt"
 pids=()
-if [ "$ABLATE" = 1 ]; then
+if [ "$ABLATE" = 1 ] && [ "$TRAIN" = 1 ]; then
     train without-autoaugment "$ABLATION_EPOCHS" --policy randaugment & pids+=($!)
     train without-mixing "$ABLATION_EPOCHS" --mixup 0 --cutmix 0 & pids+=($!)
     train without-repeats "$ABLATION_EPOCHS" --repeats 1 & pids+=($!)
@@ -81,10 +82,11 @@ if [ "$ABLATE" = 1 ]; then
     train crop-flip-only "$ABLATION_EPOCHS" --policy none --mixup 0 --cutmix 0 --repeats 1 --erasing 0 & pids+=($!)
     [ "$ABLATION_EPOCHS" != "$EPOCHS" ] && { train bundle-short "$ABLATION_EPOCHS" & pids+=($!); }
 fi
-train main "$EPOCHS"
+[ "$TRAIN" = 1 ] && train main "$EPOCHS"
 for pid in "${pids[@]}"; do wait "$pid" || true; done
 
 for run in /tmp/runs/*/; do
+    [ -d "$run" ] || continue
     name=$(basename "$run")
     {
         epochs=$(tr '\r' '\n' < "$RESULTS/$name.log" | grep '^Epoch' || true)
@@ -98,6 +100,7 @@ for run in /tmp/runs/*/; do
     } | tee -a "$RESULTS/evaluate.txt"
 done
 for run in /tmp/runs/*/; do
+    [ -d "$run" ] || continue
     cp "$run/results.json" "$RESULTS/$(basename "$run").results.json" 2>/dev/null || true
 done
 cp /tmp/runs/main/curves.png "$RESULTS/" 2>/dev/null || true
@@ -106,4 +109,4 @@ for f in model.safetensors ema/model.safetensors; do
     [ -f "/tmp/runs/main/$f" ] && split -b 15M -d "/tmp/runs/main/$f" "$OUT/${f//\//-}.part."
 done
 ls -la "$OUT"
-cat "$RESULTS/evaluate.txt"
+cat "$RESULTS/evaluate.txt" 2>/dev/null || cat "$RESULTS"/*.txt
