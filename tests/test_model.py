@@ -63,6 +63,17 @@ def test_small_image_preset_is_pinned():
     assert sum(p.numel() for p in model.parameters()) == 2_103_562
 
 
+def test_lee_et_al_preset_and_each_preset_s_own_number_of_classes():
+    c = PRESETS["vit_cifar_9"]
+    assert (c.image_size, c.patch_size, c.embed_dim, c.depth, c.num_heads, c.mlp_dim) == ((32, 32), 4, 192, 9, 12, 384)
+    model = vitdemo.create_model("vit_cifar_9")
+    assert model.head.out_features == 10  # the preset's classes, not ImageNet's
+    assert sum(p.numel() for p in model.parameters()) == 2_697_610  # 2,103,562 + 2 blocks of 297,024
+    assert vitdemo.create_model("vit_cifar_4").head.out_features == 10
+    assert vitdemo.create_model("vit_ti_16").head.out_features == 1000
+    assert vitdemo.create_model("vit_cifar_4", num_classes=4).head.out_features == 4
+
+
 def test_overrides_reach_the_model():
     model = vitdemo.create_model("vit_s_16", num_classes=7, depth=3, image_size=(64, 96), drop_path_rate=0.1)
     assert len(model.blocks) == 3

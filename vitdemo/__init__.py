@@ -18,11 +18,14 @@ from .model import VisionTransformer, resample_pos_embed
 __version__ = "0.1.0"
 
 
-def create_model(name: str = DEFAULT_PRESET, num_classes: int = 1000, **overrides: Any) -> VisionTransformer:
-    """Build the preset `name` (see `list_presets()`) with `num_classes` outputs and any other
-    hyper-parameter of `ViTConfig` overridden, e.g. `create_model("vit_s_16", depth=6)`.
-    Weights are freshly initialised; bad values raise `ValueError`."""
-    return VisionTransformer(get_config(name, num_classes=num_classes, **overrides))
+def create_model(name: str = DEFAULT_PRESET, num_classes: int | None = None, **overrides: Any) -> VisionTransformer:
+    """Build the preset `name` (see `list_presets()`) with `num_classes` outputs (default: the
+    preset's, 1000 for ImageNet's sizes, 10 for the CIFAR ones) and any other hyper-parameter of
+    `ViTConfig` overridden, e.g. `create_model("vit_s_16", depth=6)`. Weights are freshly
+    initialised; bad values raise `ValueError`."""
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return VisionTransformer(get_config(name, **overrides))
 
 
 __all__ = [
