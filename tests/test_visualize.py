@@ -444,3 +444,16 @@ def test_tile_grid_writes_labels_above_the_tiles_not_over_them():
         assert (a[y - band:y, x:x + 20] != 255).any()  # its label is written in the band above
     with pytest.raises(ValueError, match="one label per tile"):
         tile_grid(tiles, ["a"], columns=2)
+
+
+def test_history_plot_draws_each_series_it_has_and_skips_missing_values():
+    history = {"train_loss": [2.0, 1.5], "train_acc": [0.2, 0.4], "test_loss": [None, 1.2],
+               "test_acc": [None, 0.6], "ema_val_loss": [1.9, 1.3], "ema_val_acc": [0.3, 0.55]}
+    loss_ax, acc_ax = V.plot_history(history).axes
+    lines = {line.get_label(): line.get_ydata() for line in acc_ax.get_lines()}
+    assert list(lines) == ["train", "validation", "validation, EMA weights"]
+    np.testing.assert_allclose(lines["validation, EMA weights"], [0.3, 0.55])
+    assert np.isnan(lines["validation"][0]) and lines["validation"][1] == 0.6
+    # A run without the moving average draws no third line.
+    without = {k: v for k, v in history.items() if not k.startswith("ema")}
+    assert [line.get_label() for line in V.plot_history(without).axes[0].get_lines()] == ["train", "validation"]

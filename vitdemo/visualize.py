@@ -23,10 +23,13 @@ from .model import VisionTransformer
 
 def plot_history(history: dict[str, list[float | None]]) -> Figure:
     """Loss and accuracy curves per epoch, train against validation (the walk-through's
-    "visualising results")."""
+    "visualising results"), and the moving average of the weights' validation when the run kept
+    one. Under Mixup/CutMix the training accuracy is scored against each image's first label, so
+    it reads low; validation is unaffected."""
     fig = Figure(figsize=(10, 4), layout="constrained")
+    series = (("train", "train"), ("test", "validation"), ("ema_val", "validation, EMA weights"))
     for ax, metric, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("Loss", "Accuracy")):
-        for split, label in (("train", "train"), ("test", "validation")):
+        for split, label in series:
             values = [np.nan if v is None else v for v in history.get(f"{split}_{metric}", [])]
             if values and not np.all(np.isnan(values)):
                 ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
