@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the results}
 RESULTS=/tmp/device-results  # gathered here, returned as one archive
 DEVICE=${DEVICE:-cuda}
-EPOCHS=${EPOCHS:-100}
+EPOCHS=${EPOCHS:-300}  # the small-vit recipe's
 PRESET=${PRESET:-vit_cifar_9}
 SET=${SET:-drop_path_rate=0.1}  # model hyper-parameters over the preset's
 BATCH=${BATCH:-128}
@@ -75,11 +75,12 @@ train() {  # NAME EPOCHS [more train options]
 : > "$RESULTS/commands.txt"
 pids=()
 if [ "$ABLATE" = 1 ] && [ "$TRAIN" = 1 ]; then
-    train without-autoaugment "$ABLATION_EPOCHS" --policy randaugment & pids+=($!)
+    train without-autoaugment "$ABLATION_EPOCHS" --policy none & pids+=($!)
     train without-mixing "$ABLATION_EPOCHS" --mixup 0 --cutmix 0 & pids+=($!)
-    train without-repeats "$ABLATION_EPOCHS" --repeats 1 & pids+=($!)
     train without-erasing "$ABLATION_EPOCHS" --erasing 0 & pids+=($!)
-    train crop-flip-only "$ABLATION_EPOCHS" --policy none --mixup 0 --cutmix 0 --repeats 1 --erasing 0 & pids+=($!)
+    train with-deit-repeats "$ABLATION_EPOCHS" --repeats 3 & pids+=($!)
+    train crop-flip-only "$ABLATION_EPOCHS" --policy none --mixup 0 --cutmix 0 --erasing 0 & pids+=($!)
+    train a-third-of-the-schedule "$(( ABLATION_EPOCHS > 2 ? ABLATION_EPOCHS / 3 : 1 ))" & pids+=($!)
     [ "$ABLATION_EPOCHS" != "$EPOCHS" ] && { train bundle-short "$ABLATION_EPOCHS" & pids+=($!); }
 fi
 [ "$TRAIN" = 1 ] && train main "$EPOCHS"
