@@ -71,6 +71,32 @@ def test_evaluate_reports_accuracy_and_confusion_matrix(run_dir, tmp_path, capsy
     assert "top-1 accuracy" in capsys.readouterr().out
 
 
+def test_evaluate_int8_scores_each_image_on_its_own(run_dir, tmp_path, capsys):
+    """int8 quantises activations over the batch, so evaluate runs it one image at a time: each
+    image is scored as the app and `predict` score it, whatever else is held out."""
+    import torch
+
+    from vitdemo.cli import load_data, split
+    from vitdemo.data import normalize
+    from vitdemo.runtime import prepare
+
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--data", "synthetic", "--runtime", "int8",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    model, meta = load_checkpoint(run_dir)
+    _, val = split(load_data("synthetic", 32)[0], 0.1, 0)
+    run = prepare(model, "int8")
+    x = normalize(val.images, meta["mean"], meta["std"])
+    logits = torch.cat([run(x[i:i + 1]) for i in range(len(x))])
+    singly = logits.argmax(-1)
+    # The loss tells batches from single images apart even where no answer changes.
+    assert report["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, val.labels).item(), rel=1e-5)
+    matrix = torch.tensor(report["confusion_matrix"])
+    assert torch.equal(matrix.sum(0), torch.bincount(singly, minlength=4))
+    assert report["accuracy"] == pytest.approx((singly == val.labels).float().mean().item(), abs=1e-6)
+    assert "agreement with the eager PyTorch fp32 model" in capsys.readouterr().out
+
+
 def test_predict(run_dir, tmp_path, capsys):
     img = tmp_path / "red.png"
     Image.new("RGB", (50, 40), (200, 20, 20)).save(img)

@@ -96,6 +96,19 @@ def test_int8_agrees_with_eager(model, exported):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
 
 
+def test_int8_weights_have_one_scale_per_output_channel(exported):
+    """Per-channel scales keep the int8 model's answers closer to fp32 (see `_export_onnx`)."""
+    import onnx
+
+    graph = onnx.load(exported["int8"]).graph
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    products = [node for node in graph.node if node.op_type == "MatMulInteger"]
+    assert len(products) == 2 * 4 + 1  # qkv, proj, fc1, fc2 of each of the 2 blocks, and the head
+    for node in products:
+        weight, weight_zero_point = node.input[1], node.input[3]
+        assert dims[weight_zero_point] == dims[weight][1:], node.name  # one per output column
+
+
 def test_stale_export_is_refused_and_never_overwritten(model, exported, tmp_path):
     """A file the user named is never replaced, even when it is of other weights: `prepare`
     refuses it with a message that says what to do, and the file keeps every byte."""

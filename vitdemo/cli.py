@@ -239,7 +239,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         val = stratified_sample(val, args.limit)
     device = select_device(args.device)
     runner = support.runner(model, args.runtime, args.onnx, args.checkpoint)
-    loss, acc, preds = evaluate(runner, val, meta["mean"], meta["std"], device=device if args.runtime == "eager" else "cpu")
+    # int8 quantises activations over the whole batch, so in a batch an image's answer depends on
+    # its neighbours; one at a time, each image gets the answer the app and `predict` give it.
+    loss, acc, preds = evaluate(runner, val, meta["mean"], meta["std"], batch_size=1 if args.runtime == "int8" else 256,
+                                device=device if args.runtime == "eager" else "cpu")
     agreement = None
     if args.runtime != "eager":  # how often the faster runtime picks the same class as PyTorch fp32
         agreement = (evaluate(model, val, meta["mean"], meta["std"], device=device)[2] == preds).float().mean().item()
