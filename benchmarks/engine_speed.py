@@ -5,8 +5,9 @@
 
 Sections (all measured in this one run, so read the ratios):
   step  one training step of the same architecture (forward, loss, backward, clipping, AdamW;
-        bf16 autocast on a GPU) on a ready batch: vitdemo eager, vitdemo compiled in each
-        --compile mode, timm eager; images/s and the ratio to timm
+        bf16 autocast on a GPU) on a ready batch: vitdemo eager (on a CPU where the engine
+        computes linear layers with oneDNN, also with PyTorch's own kernels: vitdemo.cpu_linear),
+        vitdemo compiled in each --compile mode, timm eager; images/s and the ratio to timm
   run   the engine's whole loop (`vitdemo.engine.train`: batching, augmentation, the step, the
         epoch's validation and its checkpoint files) on random uint8 images, with and without
         the fast path (`--compile`); images/s of the second of three epochs (the first holds the
@@ -19,6 +20,7 @@ and "reduce-overhead" also replays each step as one CUDA graph.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -52,8 +54,19 @@ def timm_twin(config: vitdemo.ViTConfig) -> torch.nn.Module:
                              mlp_ratio=config.mlp_dim / config.embed_dim, num_classes=config.num_classes)
 
 
-def step_fn(model: torch.nn.Module, batch: int, device: torch.device, compile_mode: str | None):
-    """One training step as the engine takes it, on a fixed batch."""
+def engine_kernels(model: torch.nn.Module, device: torch.device):
+    """The context the engine runs a CPU forward pass in: oneDNN's linear layers where they pay
+    (vitdemo.cpu_linear); None where it uses PyTorch's own, or for an engine (--code) without them."""
+    try:
+        from vitdemo.cpu_linear import LinearKernels, onednn_pays
+    except ImportError:
+        return None
+    return LinearKernels(model) if device.type == "cpu" and onednn_pays() else None
+
+
+def step_fn(model: torch.nn.Module, batch: int, device: torch.device, compile_mode: str | None, kernels=None):
+    """One training step as the engine takes it, on a fixed batch (its forward pass inside
+    `kernels`, a context from `engine_kernels`, if given)."""
     model = model.to(device).train()
     opt = make_optimizer(model, RECIPES["small-vit"], fused=device.type == "cuda")
     net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_mode else model
@@ -61,7 +74,8 @@ def step_fn(model: torch.nn.Module, batch: int, device: torch.device, compile_mo
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+                kernels or contextlib.nullcontext():
             logits = net(x).float()
         loss = F.cross_entropy(logits, y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
@@ -96,8 +110,13 @@ def section_step(args, device: torch.device) -> None:
     fns = {}
     for mode in [None, *args.compile]:
         torch.manual_seed(0)
-        fns["vitdemo " + (mode or "eager")] = step_fn(vitdemo.create_model(args.preset, num_classes=10), args.batch,
-                                                       device, mode)
+        model = vitdemo.create_model(args.preset, num_classes=10)
+        kernels = engine_kernels(model, device) if mode is None else None
+        fns["vitdemo " + (mode or "eager")] = step_fn(model, args.batch, device, mode, kernels)
+        if kernels is not None:
+            torch.manual_seed(0)
+            fns["vitdemo eager, PyTorch's linear"] = step_fn(vitdemo.create_model(args.preset, num_classes=10),
+                                                             args.batch, device, None)
     try:
         torch.manual_seed(0)
         fns["timm eager"] = step_fn(timm_twin(config), args.batch, device, None)
@@ -110,12 +129,14 @@ def section_step(args, device: torch.device) -> None:
         try:
             times = time_steps(fn, device, args.steps, args.repeats)
         except Exception as err:  # a compile mode this machine cannot run: say so, measure the rest
-            print(f"  {name:<28} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+            print(f"  {name:<32} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
             continue
         rates[name] = args.batch / statistics.median(times)
-        print(f"  {name:<28} {statistics.median(times) * 1e3:8.2f} ms/step  {rates[name]:9.0f} img/s"
+        print(f"  {name:<32} {statistics.median(times) * 1e3:8.2f} ms/step  {rates[name]:9.0f} img/s"
               f"  (min-max {min(times) * 1e3:.2f}-{max(times) * 1e3:.2f} ms)")
     print_ratios(rates, "timm eager")
+    print_ratios({k: v for k, v in rates.items() if k in ("vitdemo eager", "vitdemo eager, PyTorch's linear")},
+                 "vitdemo eager, PyTorch's linear")
 
 
 def section_run(args, device: torch.device) -> None:

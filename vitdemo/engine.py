@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import ood
 from .augment import BatchAugment, MixUpCutMix, soft_cross_entropy
 from .checkpoint import WEIGHTS_NAME, atomic_write, save_checkpoint, unwrap
+from .cpu_linear import LinearKernels, onednn_pays
 from .data import ImageData, iterate_batches, normalize
 from .model import VisionTransformer
 
@@ -418,10 +419,15 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, recipe.warmup))
     ema = WeightAverage(base, recipe.ema_decay) if recipe.ema_decay else None
     step_net = torch.compile(net, mode=None if compile == "default" else compile) if compile else net
+    # On a CPU where MKL is slow, the linear layers compute with oneDNN inside this context (see
+    # vitdemo.cpu_linear); a compiled step brings its own kernels.
+    kernels = (LinearKernels(base, ema.module if ema else None) if device.type == "cpu" and not compile and onednn_pays()
+               else contextlib.nullcontext())
 
     def evaluated(m: nn.Module) -> tuple[float, float]:
-        loss, acc, _ = evaluate(m.head if freeze_backbone else m, val_inputs, mean, std, device=device,
-                                inputs_are_features=freeze_backbone)
+        with kernels:
+            loss, acc, _ = evaluate(m.head if freeze_backbone else m, val_inputs, mean, std, device=device,
+                                    inputs_are_features=freeze_backbone)
         return loss, acc
 
     # "test_loss" and "test_acc" hold the validation split's figures (never a test set's): the
@@ -477,7 +483,7 @@ def train(
             targets = None
             if mixer is not None:
                 x, targets = mixer(x, y, mix_rng)
-            with _autocast(device):
+            with _autocast(device), kernels:
                 logits = step_net(x).float()
             if targets is None:
                 loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
