@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .runtime import packing_available
+
 
 @cache
 def onednn_pays() -> bool:
     """Whether to train linear layers with oneDNN here: PyTorch's BLAS is MKL, oneDNN is built
     in, and the CPU is not Intel's (where MKL runs its own tuned kernels and stays)."""
-    if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not (torch.backends.mkl.is_available() and packing_available()):
         return False
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
