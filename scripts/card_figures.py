@@ -1,7 +1,7 @@
 """Print the figures of a checkpoint's model card that come from the checkpoint itself: its size,
 the schedule, and its training run's own per-epoch validation history (stored in its metadata).
 
-    python scripts/card_figures.py [CHECKPOINT]        # default: checkpoints/vit_cifar10
+    python scripts/card_figures.py [CHECKPOINT [GOAL]]   # default: checkpoints/vit_cifar10, 0.85
 
 Accuracy on the held-out images in fp32 comes from `python -m vitdemo evaluate` instead (the
 command is in the card), as does the per-class table.
@@ -34,6 +34,9 @@ def main(path: str = "checkpoints/vit_cifar10", goal: float = 0.85) -> None:
           f"training (augmented batches) {history['train_acc'][-1]:.2%}")
     best = max(range(len(val)), key=lambda i: val[i])
     print(f"best epoch: {best + 1} ({val[best]:.2%})")
+    ema = [v for v in history.get("ema_val_acc", []) if v is not None]
+    if ema:  # the run kept a moving average of the weights, validated each epoch beside them
+        print(f"moving average (decay {recipe.get('ema_decay')}): last epoch {ema[-1]:.2%}, best {max(ema):.2%}")
     reached = next((i for i, v in enumerate(val) if v >= goal), None)
     if reached is not None:
         print(f"first epoch at {goal:.0%} or more: {reached + 1}")
@@ -43,4 +46,4 @@ def main(path: str = "checkpoints/vit_cifar10", goal: float = 0.85) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:2], *[float(g) for g in sys.argv[2:3]])
