@@ -4,9 +4,10 @@ PyTorch's official wheels compute `nn.Linear` on the CPU with Intel's MKL, forwa
 gradients. On an AMD CPU, MKL does not pick its fastest kernels: on this project's 2-core AMD
 EPYC, ViT's linear-layer shapes took MKL about 2.3x the time oneDNN (the library PyTorch ships
 for its CPU convolutions and uses for `vitdemo.runtime`'s packed inference) took, and a whole
-`vit_cifar_9` training step ran 1.46x faster with oneDNN's products
-(`python benchmarks/engine_speed.py step --preset vit_cifar_9`). The training engine therefore
-wraps its forward passes in `LinearKernels` where `onednn_pays()`; elsewhere nothing changes.
+`vit_cifar_9` training step ran 1.44x faster with oneDNN's products (`python
+benchmarks/engine_speed.py step --device cpu --preset vit_cifar_9 --steps 3 --repeats 3`). The
+training engine therefore wraps its forward passes in `LinearKernels` where `onednn_pays()`;
+elsewhere nothing changes.
 
 The products are the same up to float rounding (a different summation order); the parameters,
 their names and the state dict are untouched, so checkpoints do not know which kernel ran.
