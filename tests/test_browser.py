@@ -214,6 +214,10 @@ def test_phone_width(browser, app_url, picture, tab):
         page.goto(app_url)
         upload(page, picture)
         page.get_by_test_id("label-output-value").wait_for()
+        # the model's note goes under the picker, which keeps the width to show the model's name
+        picker = page.get_by_label("Model").first.bounding_box()
+        note = page.locator("#model-note").bounding_box()
+        assert picker["width"] >= 250 and note["y"] >= picker["y"] + picker["height"], (picker, note)
         if tab == "Train":
             page.get_by_role("button", name="More tabs").click()
             page.locator("button:visible", has_text="Train").last.click()

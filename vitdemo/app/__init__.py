@@ -68,10 +68,13 @@ def build_demo() -> gr.Blocks:
                     "An image cut into patches, each patch a word, read by a Transformer "
                     "([Dosovitskiy et al., 2020](https://arxiv.org/abs/2010.11929)). Pick a model and an image, "
                     "then explore.")
+        # Columns with a min_width wrap: on a phone the note goes under the picker instead of squeezing it
         with gr.Row(equal_height=True):
-            picker = gr.Dropdown(choices=MODELS.choices(), value=SHIPPED, label="Model", allow_custom_value=True,
-                                 scale=2, info="Used by every tab; runs you train appear here.")
-            note = gr.Markdown(elem_id="model-note")
+            with gr.Column(scale=2, min_width=300):
+                picker = gr.Dropdown(choices=MODELS.choices(), value=SHIPPED, label="Model", allow_custom_value=True,
+                                     info="Used by every tab; runs you train appear here.")
+            with gr.Column(scale=1, min_width=300):
+                note = gr.Markdown(elem_id="model-note")
         with gr.Row():
             with gr.Column(scale=1):
                 image = image_input("Image (used by every tab)", height=260)
