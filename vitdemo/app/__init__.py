@@ -22,6 +22,8 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
 CSS = """
 #model-note p { margin: 0.2em 0; }
 .status-line { min-height: 2.6em; }
+/* a dropdown's value too long for a narrow screen ends in an ellipsis before the arrow, not under it */
+.wrap .secondary-wrap input { text-overflow: ellipsis; padding-right: 1.75rem; }
 """
 
 
