@@ -73,7 +73,11 @@ def picture(tmp_path_factory) -> Path:
 
 
 def shot(page, name: str) -> None:
+    """A full-page screenshot. Gradio's images load lazily, when scrolled near: those far below the
+    window (at 400 px, most of a tab) would be missing from the shot but not from the user's page."""
     ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("[...document.images].every(i => i.complete)")
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
