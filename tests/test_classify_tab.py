@@ -55,6 +55,13 @@ def test_images_unlike_the_training_data_are_flagged_and_still_answered(kind):
     assert "unlike the model's training data" in note  # ...with the warning in words
 
 
+@pytest.mark.parametrize(("relative", "shown"), [
+    (2.53, "2.5x"), (0.93, "0.9x"), (1.04, "1.04x"), (0.96, "0.96x"), (1.0004, "1.0004x"), (1.0, "1.0x")])
+def test_the_score_shown_is_on_the_same_side_of_the_threshold_as_the_verdict(relative, shown):
+    """A flagged score of 1.04 must not read "1.0x the threshold", as if it were at it."""
+    assert classify_tab.times_threshold(relative) == shown
+
+
 def test_a_tiny_image_gets_a_warning():
     _, note = note_for(Image.new("RGB", (1, 1), (10, 200, 30)))
     assert "Tiny image" in note and "1x1" in note

@@ -41,6 +41,18 @@ def classify(image: Any, model_name: str = SHIPPED, runtime: str = "auto") -> tu
     return labels, info
 
 
+def times_threshold(relative: float) -> str:
+    """The out-of-distribution score as a multiple of the threshold (above 1 is flagged), with as
+    many decimals as it takes to stay on the same side of 1: a flagged 1.04 must not read "1.0x"."""
+    def side(x: float) -> int:
+        return (x > 1) - (x < 1)
+
+    for digits in (1, 2, 3, 4):
+        if side(float(f"{relative:.{digits}f}")) == side(relative):
+            break
+    return f"{relative:.{digits}f}x"
+
+
 def answer_note(info: dict[str, Any] | None) -> str:
     """What the answer can and cannot mean: the model's classes and input size, a warning for an
     image unlike the training data or far smaller than the model's input, and the time taken."""
@@ -60,15 +72,16 @@ def answer_note(info: dict[str, Any] | None) -> str:
         lines.append(f"⚠️ **Tiny image** ({w}x{h} pixels): the model reads {side}x{side}, so it was enlarged; "
                      f"the details it would need are not there. Treat the answer as a guess.")
     verdict = info.get("ood")
+    times = times_threshold(verdict["relative"]) if verdict else ""
     if verdict and verdict["flagged"]:
         lines.append(f"⚠️ **This image looks unlike the model's training data** (out-of-distribution score "
-                     f"{verdict['relative']:.1f}x the threshold that {1 - verdict['rate']:.0%} of held-out "
+                     f"{times} the threshold that {1 - verdict['rate']:.0%} of held-out "
                      f"training-like images stay under). The model still has to pick one of its {len(names)} "
                      f"classes, so the answer below is likely meaningless.")
     elif verdict:
         acc = (meta.get("metrics") or {}).get("val_acc")
         known = f", which it gets right {acc:.0%} of the time on held-out images" if isinstance(acc, float) else ""
-        lines.append(f"Not flagged as unlike the training data (out-of-distribution score {verdict['relative']:.1f}x "
+        lines.append(f"Not flagged as unlike the training data (out-of-distribution score {times} "
                      f"the threshold). That does not make the answer right: it is still one of the {len(names)} "
                      f"classes{known}, even when the picture shows none of them.")
     if "ms" in info:
