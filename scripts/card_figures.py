@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdemo.checkpoint import WEIGHTS_NAME, load_checkpoint  # noqa: E402
+from vitdemo.engine import Recipe  # noqa: E402
 
 
 def main(path: str = "checkpoints/vit_cifar10", goal: float = 0.85) -> None:
@@ -26,6 +27,7 @@ def main(path: str = "checkpoints/vit_cifar10", goal: float = 0.85) -> None:
     train_images = round(50_000 - meta["val_size"]) if meta.get("val_size", 0) >= 1 else None
     print(f"file: {weights.stat().st_size / 1e6:.1f} MB; parameters: {sum(p.numel() for p in model.parameters()):,}")
     print(f"config: {model.config}")
+    print(f"recipe: {Recipe.from_saved(recipe).describe()}; stochastic depth {model.config.drop_path_rate:g}")
     if train_images:
         steps = math.ceil(train_images / recipe["batch_size"]) * recipe["epochs"]
         print(f"schedule: {recipe['epochs']} epochs of {train_images:,} images at batch {recipe['batch_size']}: "

@@ -206,6 +206,7 @@ def test_attention_views_and_cache(photo, monkeypatch):
 def test_model_card_and_picker():
     card = models.model_card(models.SHIPPED)
     assert "74,692" in card and "circle" in card and "40.0%" in card
+    assert "| property | value |" in card and "Recipe" not in card  # saved without one
     note, card, layer, rows, cols, *_ = vitdemo.app.select_model(models.SHIPPED)
     assert layer["maximum"] == 2 and rows["maximum"] == 8
     assert models.SHIPPED in models.model_choices() and models.PRETRAINED in models.model_choices()
@@ -248,7 +249,9 @@ def test_stopping_training_keeps_the_model_so_far(photo):
     name = picker["value"]
     assert name.endswith("(stopped)") and name in models.model_choices()
     assert os.path.isfile(checkpoint)
-    assert "Stopped by the user at step" in models.model_card(name)
+    card = models.model_card(name)
+    assert "Stopped by the user at step" in card
+    assert "**Recipe:** AdamW" in card and "augmentation: random crop (padding 4), flip" in card  # how it was trained
     assert classify_tab.classify(photo, name)[0]
 
 

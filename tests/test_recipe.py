@@ -2,6 +2,8 @@
 the moving average of the weights, exact resume with all of them, and the GPU path's pieces
 that also run on a CPU (fused optimiser, compiled step)."""
 
+import json
+
 import pytest
 import torch
 from helpers import small_model
@@ -84,6 +86,28 @@ def test_small_vit_recipe_is_lee_et_al_s():
     assert (r.policy, r.erasing, r.mixup_alpha, r.cutmix_alpha, r.mix_prob, r.repeats, r.label_smoothing) == (
         "autoaugment", 0.25, 1.0, 1.0, 0.5, 1, 0.1)
     assert r.mixes and not RECIPES["small-data"].mixes
+
+
+def test_a_recipe_in_words_names_every_ingredient_that_is_on():
+    words = RECIPES["small-vit"].describe()
+    for part in ("AdamW, lr 0.001 at batch 128, weight decay 0.05, 300 epochs (warm-up 10%, then cosine)",
+                 "label smoothing 0.1", "AutoAugment (CIFAR-10 policy)", "random erasing 0.25",
+                 "Mixup (alpha 1) or CutMix (alpha 1) on 50% of batches"):
+        assert part in words
+    assert "clipping" not in words and "moving average" not in words and "times per batch" not in words
+    assert "moving average of the weights (decay 0.9)" in BUNDLE.describe()
+    assert "each image 3 times per batch" in BUNDLE.describe()
+    assert Recipe(crop_padding=None, flip=False).describe().endswith("gradient clipping at 1; label smoothing 0.1; "
+                                                                      "augmentation: none")
+    assert RECIPES["finetune"].describe().startswith("SGD with momentum 0.9, lr 0.01 at batch 64")
+
+
+def test_recipes_read_back_from_checkpoints_of_any_version():
+    saved = json.loads(json.dumps(RECIPES["small-vit"].to_dict()))  # as a checkpoint's metadata holds it
+    assert Recipe.from_saved(saved) == RECIPES["small-vit"]
+    older = {k: v for k, v in RECIPES["small-data"].to_dict().items()
+             if k not in ("policy", "erasing", "mixup_alpha", "cutmix_alpha", "mix_prob", "repeats", "ema_decay")}
+    assert Recipe.from_saved({**older, "randaugment": True}) == RECIPES["small-data"].replace(policy="randaugment")
 
 
 @pytest.mark.parametrize("bad", [dict(policy="trivial"), dict(erasing=1.5), dict(mixup_alpha=-1),

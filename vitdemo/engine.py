@@ -112,6 +112,39 @@ class Recipe:
     def mixes(self) -> bool:
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "Recipe":
+        """The recipe a checkpoint's metadata or a run's state recorded, older ones included."""
+        fields = _saved_recipe(saved)
+        return cls(**{**fields, "betas": tuple(fields["betas"])})
+
+    def describe(self) -> str:
+        """The recipe in words, each ingredient that is on, as a model card states it."""
+        optimizer = {"adamw": "AdamW", "adam": "Adam", "sgd": f"SGD with momentum {self.momentum:g}"}[self.optimizer]
+        parts = [f"{optimizer}, lr {self.lr:g} at batch {self.batch_size}, weight decay {self.weight_decay:g}, "
+                 f"{self.epochs} epochs (warm-up {self.warmup:.0%}, then cosine)"]
+        if self.grad_clip:
+            parts.append(f"gradient clipping at {self.grad_clip:g}")
+        if self.label_smoothing:
+            parts.append(f"label smoothing {self.label_smoothing:g}")
+        augment = [f"random crop (padding {self.crop_padding})"] if self.crop_padding is not None else []
+        augment += ["flip"] * self.flip
+        if self.policy:
+            augment.append({"randaugment": "RandAugment", "autoaugment": "AutoAugment (CIFAR-10 policy)"}[self.policy])
+        if self.erasing:
+            augment.append(f"random erasing {self.erasing:g}")
+        if self.mixes:
+            mixers = [f"{name} (alpha {alpha:g})" for name, alpha in (("Mixup", self.mixup_alpha),
+                                                                     ("CutMix", self.cutmix_alpha)) if alpha > 0]
+            share = "every batch" if self.mix_prob == 1 else f"{self.mix_prob:.0%} of batches"
+            augment.append(f"{' or '.join(mixers)} on {share}")
+        if self.repeats > 1:
+            augment.append(f"each image {self.repeats} times per batch")
+        parts.append("augmentation: " + (", ".join(augment) or "none"))
+        if self.ema_decay:
+            parts.append(f"moving average of the weights (decay {self.ema_decay:g})")
+        return "; ".join(parts)
+
 
 RECIPES: dict[str, Recipe] = {
     # Table 3 of the paper: Adam (0.9, 0.999), warm-up then cosine, weight decay, clipping at 1.

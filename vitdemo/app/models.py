@@ -24,6 +24,7 @@ from .. import get_config
 from ..checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, read_metadata
 from ..config import ViTConfig
 from ..data import preprocess
+from ..engine import Recipe
 from ..model import VisionTransformer
 from ..pretrained import PREPROCESSING as PRETRAINED_PREPROCESSING
 from ..pretrained import PretrainedUnavailable, imagenet_class_names, load_pretrained
@@ -320,7 +321,7 @@ def model_card(model_name: str = SHIPPED) -> str:
     lines += [
         "",
         # One row per property: a row of eight columns letter-wraps on a phone.
-        "| | |",
+        "| property | value |",
         "|---|---|",
         f"| image | {c.image_size[0]}x{c.image_size[1]} pixels |",
         f"| patch P | {c.patch_size}x{c.patch_size} |",
@@ -347,10 +348,13 @@ def model_card(model_name: str = SHIPPED) -> str:
     if meta.get("stopped_at_step"):
         lines.append(f"\nStopped by the user at step {meta['stopped_at_step']}.")
     if isinstance(meta.get("recipe"), dict):
-        r = meta["recipe"]
-        lines.append(f"\n**Recipe:** {r.get('optimizer')} lr {r.get('lr')}, weight decay {r.get('weight_decay')}, "
-                     f"{r.get('epochs')} epochs, batch {r.get('batch_size')}, label smoothing "
-                     f"{r.get('label_smoothing')}")
+        try:
+            recipe = Recipe.from_saved(meta["recipe"]).describe()
+        except (TypeError, ValueError, KeyError):  # a recipe this version cannot read: say nothing of it
+            recipe = None
+        if recipe:
+            depth = f"; stochastic depth {c.drop_path_rate:g}" if c.drop_path_rate else ""
+            lines.append(f"\n**Recipe:** {recipe}{depth}.")
     if meta.get("vitdemo_version"):
         lines.append(f"\nWritten by vitdemo {meta['vitdemo_version']}.")
     return "\n".join(lines)
