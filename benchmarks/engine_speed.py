@@ -1,13 +1,15 @@
 """Training speed on the device at hand: the engine's step and whole run against timm's same step.
 
     python benchmarks/engine_speed.py                          # CPU: batch 128, a short run
+    python benchmarks/engine_speed.py step --device cpu --preset vit_cifar_9 --precision fp32 bf16
     python benchmarks/engine_speed.py --device cuda --batch 512 --images 45000 --compile default reduce-overhead
 
 Sections (all measured in this one run, so read the ratios):
   step  one training step of the same architecture (forward, loss, backward, clipping, AdamW;
-        bf16 autocast on a GPU) on a ready batch: vitdemo eager (on a CPU where the engine
-        computes linear layers with oneDNN, also with PyTorch's own kernels: vitdemo.cpu_linear),
-        vitdemo compiled in each --compile mode, timm eager; images/s and the ratio to timm
+        in each --precision, "auto" being the engine's choice: bf16 autocast on a GPU and on a
+        CPU with AMX) on a ready batch: vitdemo eager (on a CPU where the engine computes linear
+        layers with oneDNN, also with PyTorch's own kernels: vitdemo.cpu_linear), vitdemo
+        compiled in each --compile mode, timm eager; images/s and the ratios
   run   the engine's whole loop (`vitdemo.engine.train`: batching, augmentation, the step, the
         epoch's validation and its checkpoint files) on random uint8 images, with and without
         the fast path (`--compile`); images/s of the second of three epochs (the first holds the
@@ -64,9 +66,19 @@ def engine_kernels(model: torch.nn.Module, device: torch.device):
     return LinearKernels(model) if device.type == "cpu" and onednn_pays() else None
 
 
-def step_fn(model: torch.nn.Module, batch: int, device: torch.device, compile_mode: str | None, kernels=None):
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic the engine trains in for `precision` ("auto": its choice on this device)."""
+    try:
+        from vitdemo.engine import resolve_precision
+    except ImportError:  # an earlier engine (--code): bf16 autocast on a GPU only
+        return precision if precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    return resolve_precision(precision, device)
+
+
+def step_fn(model: torch.nn.Module, batch: int, device: torch.device, compile_mode: str | None, kernels=None,
+            precision: str = "bf16"):
     """One training step as the engine takes it, on a fixed batch (its forward pass inside
-    `kernels`, a context from `engine_kernels`, if given)."""
+    `kernels`, a context from `engine_kernels`, if given; under bf16 autocast if `precision` is bf16)."""
     model = model.to(device).train()
     opt = make_optimizer(model, RECIPES["small-vit"], fused=device.type == "cuda")
     net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_mode else model
@@ -74,7 +86,7 @@ def step_fn(model: torch.nn.Module, batch: int, device: torch.device, compile_mo
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
                 kernels or contextlib.nullcontext():
             logits = net(x).float()
         loss = F.cross_entropy(logits, y, label_smoothing=0.1)
@@ -108,22 +120,25 @@ def print_ratios(rates: dict[str, float], baseline: str) -> None:
 def section_step(args, device: torch.device) -> None:
     config = vitdemo.get_config(args.preset, num_classes=10)
     fns = {}
-    for mode in [None, *args.compile]:
-        torch.manual_seed(0)
-        model = vitdemo.create_model(args.preset, num_classes=10)
-        kernels = engine_kernels(model, device) if mode is None else None
-        fns["vitdemo " + (mode or "eager")] = step_fn(model, args.batch, device, mode, kernels)
-        if kernels is not None:
+    precisions = [resolved_precision(p, device) for p in args.precision]
+    for precision in precisions:
+        tag = f" {precision}" if len(precisions) > 1 else ""
+        for mode in [None, *args.compile]:
             torch.manual_seed(0)
-            fns["vitdemo eager, PyTorch's linear"] = step_fn(vitdemo.create_model(args.preset, num_classes=10),
-                                                             args.batch, device, None)
-    try:
-        torch.manual_seed(0)
-        fns["timm eager"] = step_fn(timm_twin(config), args.batch, device, None)
-    except ImportError:
-        print("timm not installed: no peer")
-    print(f"\nTraining step, {args.preset}, batch {args.batch}, {device}"
-          f"{' (bf16 autocast)' if device.type == 'cuda' else ''}, median of {args.repeats} x {args.steps} steps")
+            model = vitdemo.create_model(args.preset, num_classes=10)
+            kernels = engine_kernels(model, device) if mode is None else None
+            fns["vitdemo " + (mode or "eager") + tag] = step_fn(model, args.batch, device, mode, kernels, precision)
+            if kernels is not None and precision == "fp32":
+                torch.manual_seed(0)
+                fns["vitdemo eager, PyTorch's linear"] = step_fn(vitdemo.create_model(args.preset, num_classes=10),
+                                                                 args.batch, device, None, precision=precision)
+        try:
+            torch.manual_seed(0)
+            fns["timm eager" + tag] = step_fn(timm_twin(config), args.batch, device, None, precision=precision)
+        except ImportError:
+            print("timm not installed: no peer")
+    print(f"\nTraining step, {args.preset}, batch {args.batch}, {device}, precision {' and '.join(precisions)} "
+          f"(bf16: autocast), median of {args.repeats} x {args.steps} steps")
     rates = {}
     for name, fn in fns.items():
         try:
@@ -134,9 +149,14 @@ def section_step(args, device: torch.device) -> None:
         rates[name] = args.batch / statistics.median(times)
         print(f"  {name:<32} {statistics.median(times) * 1e3:8.2f} ms/step  {rates[name]:9.0f} img/s"
               f"  (min-max {min(times) * 1e3:.2f}-{max(times) * 1e3:.2f} ms)")
-    print_ratios(rates, "timm eager")
-    print_ratios({k: v for k, v in rates.items() if k in ("vitdemo eager", "vitdemo eager, PyTorch's linear")},
+    for precision in precisions:
+        tag = f" {precision}" if len(precisions) > 1 else ""
+        print_ratios({k: v for k, v in rates.items() if k.endswith(tag)}, "timm eager" + tag)
+    print_ratios({k: v for k, v in rates.items() if k in ("vitdemo eager", "vitdemo eager fp32",
+                                                          "vitdemo eager, PyTorch's linear")},
                  "vitdemo eager, PyTorch's linear")
+    if len(precisions) > 1:
+        print_ratios({k: v for k, v in rates.items() if k.startswith("vitdemo eager ")}, "vitdemo eager fp32")
 
 
 def section_run(args, device: torch.device) -> None:
@@ -154,7 +174,9 @@ def section_run(args, device: torch.device) -> None:
         model = vitdemo.create_model(args.preset, num_classes=10)
         name = "fast path, compile " + mode if mode else "eager"
         try:
-            fast = {"compile": mode} if mode else {}  # an earlier engine (--code) knows no such option
+            fast = {"compile": mode} if mode else {}  # an earlier engine (--code) knows no such options
+            if args.precision != ["auto"]:
+                fast["precision"] = args.precision[0]
             with tempfile.TemporaryDirectory() as out:
                 epochs = [e for e in train(model, data, val, recipe, preprocess=prep, device=device, out_dir=out,
                                            log_every=10**9, **fast) if isinstance(e, EpochEvent)]
@@ -176,6 +198,9 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile modes to measure (default: none on a CPU, default and "
                              "reduce-overhead on a GPU)")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="training arithmetic(s) to measure; 'step' measures each, 'run' the first "
+                             "(default auto: the engine's choice on this device, vitdemo.engine.resolve_precision)")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement (default 50 GPU, 3 CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per implementation (default 5)")
     parser.add_argument("--images", type=int, default=None, help="training images per epoch in 'run' "
@@ -190,6 +215,7 @@ def main() -> None:
     args.compile = args.compile if args.compile is not None else (["default", "reduce-overhead"] if gpu else [])
     args.steps = args.steps or (50 if gpu else 3)
     args.images = args.images or (45_000 if gpu else 1024)
+
     args.val_images = args.val_images or max(1, args.images // 9)
     print(f"vitdemo from {Path(vitdemo.__file__).parent.parent}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name(device) if gpu else 'CPU'}, "

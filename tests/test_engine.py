@@ -147,6 +147,41 @@ def test_resume_with_another_recipe_is_refused(tmp_path, shapes):
             resume=True)
 
 
+def test_auto_precision_is_bf16_on_gpus_and_amx_cpus_only(monkeypatch):
+    from vitdemo import engine
+
+    for pays, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(engine, "bf16_pays", lambda pays=pays: pays)
+        assert engine.resolve_precision("auto", torch.device("cpu")) == expected
+    assert engine.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert engine.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    assert engine.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        engine.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_training_on_the_cpu_is_autocast_repeatable_and_recorded(shapes, tmp_path):
+    recipe = RECIPES["small-data"].replace(epochs=1, batch_size=64)
+    histories = {}
+    for name, precision in (("bf16", "bf16"), ("bf16 again", "bf16"), ("fp32", "fp32")):
+        histories[name] = run(small_model(), shapes, recipe, precision=precision, out_dir=tmp_path / name)[-1].history
+    assert histories["bf16"] == histories["bf16 again"]  # one seed, one curve
+    assert histories["bf16"]["train_loss"] != histories["fp32"]["train_loss"]  # the step really ran in bf16
+    assert histories["bf16"]["train_loss"] == pytest.approx(histories["fp32"]["train_loss"], rel=0.05)
+    assert load_checkpoint(tmp_path / "bf16")[1]["precision"] == "bf16"
+    assert load_checkpoint(tmp_path / "bf16")[0].pos_embed.dtype == torch.float32  # weights stay fp32
+
+
+def test_resume_in_another_precision_is_refused(tmp_path, shapes):
+    recipe = RECIPES["small-data"].replace(epochs=2, batch_size=128)
+    gen = train(small_model(), shapes[0], shapes[1], recipe, preprocess=PREP, device="cpu", out_dir=tmp_path,
+                precision="bf16")
+    next(e for e in gen if isinstance(e, EpochEvent))
+    gen.close()
+    with pytest.raises(TrainingError, match="trained in bf16, and this run would train in fp32; pass --precision bf16"):
+        run(small_model(), shapes, recipe, out_dir=tmp_path, resume=True, precision="fp32")
+
+
 def test_warmup_then_cosine_to_zero():
     f = warmup_cosine(100, 0.1)
     assert f(0) == pytest.approx(0.1)

@@ -171,6 +171,34 @@ def test_attention_path_gives_same_logits_and_proper_maps():
         assert torch.allclose(a.sum(-1), torch.ones(2, 6, 197), atol=1e-5)
 
 
+def test_cpu_autocast_keeps_attention_in_fp32(monkeypatch):
+    # Under CPU bf16 autocast the linear layers run in bf16 and attention in fp32 (PyTorch's CPU
+    # attention is slow in bf16 for small heads): same logits as fp32 up to bf16 rounding.
+    import vitdemo.model as model_module
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording)
+    torch.manual_seed(0)
+    model = tiny().train()
+    x = torch.randn(4, 3, 48, 48)
+    reference = model(x)
+    assert seen and all(s == (torch.float32,) * 3 + (False,) for s in seen)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x)
+    assert mixed.dtype == torch.bfloat16  # the head ran in bf16: autocast was on
+    assert len(seen) == len(model.blocks) and all(s == (torch.float32,) * 3 + (False,) for s in seen)
+    torch.testing.assert_close(mixed.float(), reference, atol=0.05, rtol=0.05)
+    mixed.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = tiny(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1).train()

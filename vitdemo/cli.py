@@ -42,7 +42,7 @@ from .data import (
     synthetic_shapes,
 )
 from . import cli_support as support
-from .engine import COMPILE_MODES, RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
+from .engine import COMPILE_MODES, PRECISIONS, RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
 from .pretrained import PretrainedUnavailable
 from .runtime import RUNTIMES, RuntimeUnavailable, export_onnx, load_onnx
 
@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     events = train(model, train_data, val_data, recipe, preprocess=prep, out_dir=out, seed=args.seed,
                    device=device, resume=args.resume, freeze_backbone=args.freeze_backbone,
-                   log_every=args.log_every, compile=args.compile,
+                   log_every=args.log_every, compile=args.compile, precision=args.precision,
                    metadata={"data": args.data, "split_seed": args.split_seed, "val_size": args.val_size})
     bar = None
     for event in events:
@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", nargs="?", const="default", choices=list(COMPILE_MODES),
                    help="compile the training step with torch.compile (a slower start; pays on a GPU); "
                         "reduce-overhead also captures CUDA graphs")
+    t.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="arithmetic of the training step: auto (default) is bf16 autocast on a GPU and on a "
+                        "CPU with AMX, fp32 elsewhere; weights and validation stay fp32 on a CPU")
     t.add_argument("--max-images-per-class", type=int, help="use at most this many images of each class")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")

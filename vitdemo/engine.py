@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import ood
 from .augment import BatchAugment, MixUpCutMix, soft_cross_entropy
 from .checkpoint import WEIGHTS_NAME, atomic_write, save_checkpoint, unwrap
-from .cpu_linear import LinearKernels, onednn_pays
+from .cpu_linear import LinearKernels, bf16_pays, onednn_pays
 from .data import ImageData, iterate_batches, normalize
 from .model import VisionTransformer
 
@@ -299,9 +299,24 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast pays on GPUs; on CPUs without native bf16 it is several times slower.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic of the training step: "auto" is bf16 autocast on a GPU and on a CPU with AMX
+    matrix units (`vitdemo.cpu_linear.bf16_pays`), fp32 elsewhere (a CPU without native bf16
+    emulates it, several times slower)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and bf16_pays()) else "fp32"
+
+
+def _autocast(device: torch.device, precision: str | None = None):
+    # Evaluation (precision None) uses bf16 on GPUs only: CPU figures stay fp32 wherever they run.
+    bf16 = precision == "bf16" if precision is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.no_grad()
@@ -388,6 +403,7 @@ def train(
     metadata: dict[str, Any] | None = None,
     val_every: int | None = None,
     compile: str | None = None,
+    precision: str = "auto",
 ) -> Iterator[StepEvent | ValidationEvent | EpochEvent | DoneEvent]:
     """Train `model` on `train_data`, validating on `val_data` after every epoch.
 
@@ -404,6 +420,10 @@ def train(
     `compile` ("default", "reduce-overhead": also CUDA graphs, or "max-autotune") compiles the
     training step's forward and backward with `torch.compile`: a slower start for faster steps,
     worth it on a GPU, where a small ViT's eager step is bound by kernel launches.
+
+    `precision` ("auto", "fp32" or "bf16", see `resolve_precision`) is the training step's
+    arithmetic; weights, optimiser state and validation stay fp32 on a CPU. A run resumes only
+    with the precision it started with, so that its history stays one computation.
     """
     device = select_device(str(device) if device is not None else None)
     if device.type == "cpu":
@@ -411,6 +431,7 @@ def train(
         torch.set_flush_denormal(True)
     if compile not in (None, *COMPILE_MODES):
         raise ValueError(f"compile must be one of {COMPILE_MODES} or None, got {compile!r}")
+    precision = resolve_precision(precision, device)
     rank, world = _dist()
     out_dir = Path(out_dir) if out_dir is not None else None
     model.to(device)
@@ -479,6 +500,11 @@ def train(
             raise TrainingError(
                 f"cannot resume {out_dir}: it was started with recipe {state['recipe']} and seed {state['seed']}"
             )
+        if state.get("precision", precision) != precision:  # states written before it was recorded have none
+            raise TrainingError(
+                f"cannot resume {out_dir}: it was trained in {state['precision']}, and this run would train in "
+                f"{precision}; pass --precision {state['precision']} to continue it as it began"
+            )
         base.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -516,7 +542,7 @@ def train(
             targets = None
             if mixer is not None:
                 x, targets = mixer(x, y, mix_rng)
-            with _autocast(device), kernels:
+            with _autocast(device, precision), kernels:
                 logits = step_net(x).float()
             if targets is None:
                 loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
@@ -583,10 +609,10 @@ def train(
                 metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                            "val_loss": loss_value, "val_acc": acc_value}
                 save_checkpoint(path, weights, train_data.class_names, preprocess, metrics=metrics,
-                                recipe=recipe.to_dict(), seed=seed, history=history, **extra)
+                                recipe=recipe.to_dict(), seed=seed, precision=precision, history=history, **extra)
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-                     "history": history, "recipe": _jsonable(recipe.to_dict()), "seed": seed}
+                     "history": history, "recipe": _jsonable(recipe.to_dict()), "seed": seed, "precision": precision}
             if ema is not None:
                 state["ema"] = ema.state_dict()
             atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))

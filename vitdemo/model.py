@@ -79,7 +79,14 @@ class Attention(nn.Module):
             x = F.dropout(attn, dropout_p, self.training) @ v
         else:
             attn = None
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # Under CPU bf16 autocast only the linear layers gain (AMX matrix units); PyTorch's
+                # CPU attention kernel is slow in bf16 for small heads (its backward took 9x the fp32
+                # time at head_dim 16), so attention itself runs in fp32.
+                with torch.autocast("cpu", enabled=False):
+                    x = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p)
+            else:
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)  # concatenate the heads (Eq. 8)
         return self.proj_drop(self.proj(x)), attn
 
