@@ -47,6 +47,18 @@ def test_resume_finished_run_is_a_no_op(run_dir, capsys):
     assert "Epoch:" not in capsys.readouterr().out
 
 
+def test_precision_is_saved_and_a_resume_in_another_one_is_refused(tmp_path, capsys):
+    common = ["train", "--data", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--batch-size", "256",
+              "--device", "cpu", *TINY]
+    assert main([*common, "--precision", "bf16"]) == 0
+    assert load_checkpoint(tmp_path)[1]["precision"] == "bf16"
+    capsys.readouterr()
+    assert main([*common, "--precision", "fp32", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trained in bf16, and this run would train in fp32; pass --precision bf16" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_evaluate_reports_accuracy_and_confusion_matrix(run_dir, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(run_dir), "--data", "synthetic", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "evaluation.json").read_text())
