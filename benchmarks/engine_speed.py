@@ -215,7 +215,6 @@ def main() -> None:
     args.compile = args.compile if args.compile is not None else (["default", "reduce-overhead"] if gpu else [])
     args.steps = args.steps or (50 if gpu else 3)
     args.images = args.images or (45_000 if gpu else 1024)
-
     args.val_images = args.val_images or max(1, args.images // 9)
     print(f"vitdemo from {Path(vitdemo.__file__).parent.parent}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name(device) if gpu else 'CPU'}, "
