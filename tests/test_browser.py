@@ -175,35 +175,41 @@ def test_one_upload_shows_in_every_tab(page, picture):
     shot(page, "about")
 
 
-def test_default_training_run_draws_both_curves(page):
-    """Every input at its default: the run the README shows. Both series are drawn, not only sent."""
+def test_default_training_run_draws_both_curves_and_stop_keeps_the_model(page):
+    """Every input at its default: the run the README shows. Both series are drawn, not only sent;
+    then Stop says so at once and the model as it is becomes a model in the picker. (That the whole
+    default run reaches 90% is test_train_tab's, through the server; this waits for the curves.)"""
     panel = open_tab(page, "Train")
     panel.get_by_role("button", name="Start training").click()
     status = page.locator(".status-line").first
-    status.get_by_text(re.compile(r"Finished")).wait_for(timeout=600_000)
-    page.wait_for_timeout(1000)
-    for title in ("Loss", "Accuracy (%)"):
-        drawn = drawn_series(page, title)
-        assert set(drawn) == {"train", "validation", "lines"}, drawn
-        assert drawn["lines"] >= 2 and drawn["validation"] >= 8, drawn
-    final = float(re.search(r"validation accuracy (\d+\.\d)%", status.inner_text()).group(1))
-    assert final >= 90
-    shot(page, "train")
+    drawn = {}
+    for _ in range(600):  # up to 5 minutes on a slow CPU: validation points after step 0 and the train line, drawn
+        drawn = {title: drawn_series(page, title) for title in ("Loss", "Accuracy (%)")}
+        if all(d.get("validation", 0) >= 4 and d.get("train", 0) >= 4 for d in drawn.values()):
+            break
+        page.wait_for_timeout(500)
+    for title, series in drawn.items():
+        assert set(series) == {"train", "validation", "lines"} and series["lines"] >= 2, (title, series)
+        assert series["validation"] >= 4, (title, series)
+    assert re.search(r"Step \d+/\d+|Epoch \d+/\d+ done", status.inner_text())
+    shot(page, "train_running")
 
-
-def test_stop_keeps_the_model(page):
-    panel = open_tab(page, "Train")
-    panel.get_by_role("button", name="Start training").click()
-    status = page.locator(".status-line").first
-    status.get_by_text(re.compile(r"Step (\d\d+)/")).first.wait_for(timeout=120_000)
     panel.get_by_role("button", name="Stop").click()
-    status.get_by_text(re.compile(r"stopped", re.I)).first.wait_for(timeout=120_000)
+    # Answered outside the queue, before the run is saved (the benchmark, benchmarks/serving.py, times it).
+    status.get_by_text(re.compile(r"Stopping")).wait_for(timeout=10_000)
+    status.get_by_text(re.compile(r"Stopped")).wait_for(timeout=120_000)
+    assert re.search(r"Run \d+: .*\(stopped\)", status.inner_text())
     shot(page, "train_stopped")
 
 
-def test_compare_draws_both_runs(page):
+def test_compare_draws_both_runs(page, monkeypatch):
     """From scratch vs fine-tuned from the shipped model, on the same little data: both runs'
-    validation curves in one plot, labelled."""
+    validation curves in one plot, labelled. Shortened (the app runs in this process): the whole
+    comparison's time is `python benchmarks/train_tab.py compare`'s to measure."""
+    from vitdemo.app import train_tab
+
+    monkeypatch.setattr(train_tab, "COMPARE_EPOCHS", 2)
+    monkeypatch.setattr(train_tab, "COMPARE_PER_CLASS", 30)
     panel = open_tab(page, "Train")
     panel.get_by_role("button", name=re.compile("Compare")).click()
     status = page.locator(".status-line").first
@@ -234,6 +240,7 @@ def test_phone_width(browser, app_url, picture, tab):
             page.locator("button:visible", has_text="Train").last.click()
             panel = visible_tab(page)
             panel.get_by_label("Epochs").first.fill("1")
+            panel.get_by_label("Images per class (at most)").first.fill("300")  # a short run: the layout is tested
             panel.get_by_role("button", name="Start training").click()
             page.locator(".status-line").first.get_by_text(re.compile("Finished")).wait_for(timeout=300_000)
             page.wait_for_timeout(1000)

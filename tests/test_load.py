@@ -162,7 +162,9 @@ def test_classify_under_load_while_training(app, tmp_path):
 
     # Stop, as the Stop button does: the run ends between two steps and becomes a model.
     before = set(models.model_choices())
-    job.cancel()
+    cancel_start = time.perf_counter()
+    job.cancel()  # answered while the run stops: before, the server froze until it was saved (a ReadTimeout here)
+    cancel_seconds = time.perf_counter() - cancel_start
     assert run.finished.wait(60), "the run did not stop"
     assert "Stopped" in run.message, run.message
     (name,) = set(models.model_choices()) - before
@@ -189,6 +191,7 @@ def test_classify_under_load_while_training(app, tmp_path):
         "rss_peak_during_load_mb": round(max(samples, default=rss_end) / mb, 1),
         "rss_end_mb": round(rss_end / mb, 1), "rss_max_growth_after_warmup_mb": round(growth / mb, 1),
         "training_steps_during_load": steps_after - steps_before, "training_stopped_at_step": stopped_at,
+        "cancel_answered_ms": round(cancel_seconds * 1000, 1),
         "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     (tmp_path / "load.json").write_text(json.dumps(figures, indent=2))
@@ -197,6 +200,7 @@ def test_classify_under_load_while_training(app, tmp_path):
           f"({f['requests_per_second']}/s) while training ({f['training_steps_during_load']} steps meanwhile): "
           f"p50 {f['p50_ms']} ms, p95 {f['p95_ms']} ms, max {f['max_ms']} ms. RSS: {f['rss_start_mb']} MB at start, "
           f"{f['rss_after_warmup_mb']} MB after the warm-up, at most {f['rss_peak_during_load_mb']} MB during the "
-          f"load, {f['rss_end_mb']} MB after it (+{f['rss_max_growth_after_warmup_mb']} MB at most). "
+          f"load, {f['rss_end_mb']} MB after it (+{f['rss_max_growth_after_warmup_mb']} MB at most). Cancel answered "
+          f"in {f['cancel_answered_ms']} ms. "
           f"{f['wall_seconds']} s in all. Figures in {tmp_path / 'load.json'}")
     assert growth < MAX_RSS_GROWTH, figures

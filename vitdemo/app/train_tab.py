@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..checkpoint import preprocessing
 from ..data import DataError
-from ..engine import EpochEvent, StepEvent, TrainingError, ValidationEvent
+from ..engine import EpochEvent, StepEvent, ValidationEvent
 from ..model import VisionTransformer
 from . import models, training
 from .common import HIDDEN, ModelUnavailable, clamp, for_users, log, user_error
@@ -41,6 +41,8 @@ COLORS = {"train": "#93c5fd", "validation": "#1d4ed8",
           f"{SCRATCH}: train": "#fdba74", f"{FINETUNED}: train": "#93c5fd"}
 
 _ACTIVE: dict[str, list[Run]] = {}  # the current or last runs of each browser session
+STOPPING = "**Stopping...** the current step is finishing; then the model as it is is saved."
+POLL_SECONDS = 0.25  # the longest a training handler goes without yielding: Stop is answered within it
 
 
 def _settings(per_class: Any, patch: Any, depth: Any, width: Any, epochs: Any, lr: Any, batch_size: Any
@@ -108,47 +110,42 @@ def _curves(rows: dict[str, list]) -> tuple[Any, Any]:
 
 
 def _drive(runs: list[Run], rows: dict[str, list], freeze: bool = False) -> Iterator[tuple[Any, Any, str]]:
-    """Run each of `runs` in turn, recording their curves in `rows` and yielding (loss, accuracy,
-    status) as they go; each run is saved and registered when it ends (Stop included)."""
+    """Train `runs` in turn (in the background: `training.Trainer`), recording their curves in
+    `rows` and yielding (loss, accuracy, status) as they go, and at least every `POLL_SECONDS`:
+    Gradio can only cancel this generator (Stop) when it yields. Each run is saved and registered
+    when it ends, Stop included: closing this generator stops the runs and returns at once."""
+    trainer = training.Trainer(runs, freeze)
+    frames, status = None, "Measuring the model before training..."
     try:
-        # Every series starts at step 0 (chance, for a new model): the plot takes its legend and
-        # colours from the series of its first frame, so all of them must be in it.
-        for run in runs:
-            train_loss, train_acc, val_loss, val_acc = training.starting_point(run)
-            run.last_val = (val_loss, val_acc)
-            rows["loss"] += [(0, train_loss, f"{run.label}train"), (0, val_loss, f"{run.label}validation")]
-            rows["acc"] += [(0, 100 * train_acc, f"{run.label}train"), (0, 100 * val_acc, f"{run.label}validation")]
-        yield (*_curves(rows), f"Step 0: validation accuracy **{runs[0].last_val[1]:.1%}** before training "
-                               f"(chance: {1 / runs[0].val_data.num_classes:.0%}); training...")
-        for run in runs:
-            done = False
-            try:
-                for event in training.events(run, freeze):
-                    if isinstance(event, StepEvent):
-                        rows["loss"].append((event.step, event.loss, f"{run.label}train"))
-                        rows["acc"].append((event.step, 100 * event.acc, f"{run.label}train"))
-                    elif isinstance(event, ValidationEvent | EpochEvent) and run.last_val is not None:
-                        step = event.step if isinstance(event, ValidationEvent) else run.steps
-                        rows["loss"].append((step, run.last_val[0], f"{run.label}validation"))
-                        rows["acc"].append((step, 100 * run.last_val[1], f"{run.label}validation"))
-                    yield (*_curves(rows), _status(run, event))
-                done = True
-            except TrainingError as err:
-                training.discard(run, f"**Training failed:** {err}")
-                raise user_error(str(err)) from None
-            except Exception as err:  # noqa: BLE001 - e.g. out of memory: a message, not a crash
-                log.exception("run %s failed", run.number)
-                training.discard(run, f"Training failed ({type(err).__name__}); the server log has the details.")
-                raise user_error(run.message) from None
-            finally:
-                # Also reached when the generator is closed (Stop): the engine stops between two
-                # steps and the model, as it is after its last step, is saved and registered.
-                if not run.finished.is_set():
-                    training.finish(run, stopped=not done)
+        while not trainer.ended:
+            for run, item in trainer.updates(POLL_SECONDS):
+                if isinstance(item, training.Failed):
+                    raise user_error(item.message)
+                if isinstance(item, training.Start):
+                    run.last_val = (item.val_loss, item.val_acc)
+                    rows["loss"] += [(0, item.train_loss, f"{run.label}train"), (0, item.val_loss, f"{run.label}validation")]
+                    rows["acc"] += [(0, 100 * item.train_acc, f"{run.label}train"),
+                                    (0, 100 * item.val_acc, f"{run.label}validation")]
+                    if run is runs[-1]:
+                        status = (f"Step 0: validation accuracy **{runs[0].last_val[1]:.1%}** before training "
+                                  f"(chance: {1 / len(runs[0].class_names):.0%}); training...")
+                elif isinstance(item, StepEvent):
+                    rows["loss"].append((item.step, item.loss, f"{run.label}train"))
+                    rows["acc"].append((item.step, 100 * item.acc, f"{run.label}train"))
+                    status = _status(run, item)
+                elif isinstance(item, ValidationEvent | EpochEvent) and run.last_val is not None:
+                    step = item.step if isinstance(item, ValidationEvent) else run.steps
+                    rows["loss"].append((step, run.last_val[0], f"{run.label}validation"))
+                    rows["acc"].append((step, 100 * run.last_val[1], f"{run.label}validation"))
+                    status = _status(run, item)
+                frames = None  # new points: draw them
+            # The plot takes its legend and colours from the series of its first frame, so no
+            # frame is drawn before every run's step 0 is in.
+            if frames is None and len(rows["loss"]) >= 2 * len(runs):
+                frames = _curves(rows)
+            yield (*(frames or (None, None)), status)
     finally:
-        for run in runs:  # runs that never started (Stop or a failure before them)
-            if not run.finished.is_set():
-                training.discard(run, "")
+        trainer.stop()  # a no-op once every run has ended; on Stop the thread saves the run, not Gradio's loop
 
 
 def _start(session: str, runs: list[Run]) -> None:
@@ -183,7 +180,7 @@ def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int 
         message = for_users(_failed_start(err))
         yield empty, empty, f"**Not started:** {message}", gr.skip(), None
         raise user_error(message) from None
-    _start(getattr(request, "session_hash", None) or "local", [run])
+    _start(_session(request), [run])
     frozen = (" First the frozen backbone computes every image's features once (this part cannot be stopped)."
               if freeze else "")
     yield empty, empty, (f"Training {run.description} on {len(run.train_data)} images ({len(run.val_data)} for "
@@ -226,7 +223,7 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
         message = for_users(_failed_start(err))
         yield empty, empty, f"**Not started:** {message}", gr.skip(), None
         raise user_error(message) from None
-    _start(getattr(request, "session_hash", None) or "local", runs)
+    _start(_session(request), runs)
     rows: dict[str, list] = {"loss": [], "acc": []}
     try:
         for loss, acc, status in _drive(runs, rows):
@@ -242,15 +239,28 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
            str(runs[-1].checkpoint) if runs[-1].checkpoint else None)
 
 
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def request_stop(request: gr.Request = None) -> Any:
+    """Stop, answered at once (outside the queue): the session's runs stop between two steps and
+    the status says so, while the run is saved (`after_stop` then shows it)."""
+    runs = [run for run in _ACTIVE.get(_session(request), []) if not run.finished.is_set()]
+    for run in runs:
+        run.stop.set()
+    return STOPPING if runs else gr.skip()
+
+
 def after_stop(request: gr.Request = None, timeout: float = 60.0) -> tuple[str, Any, Any]:
     """After Stop: wait for the cancelled run to be saved, then show it (status, picker, file)."""
-    runs = _ACTIVE.get(getattr(request, "session_hash", None) or "local")
+    runs = _ACTIVE.get(_session(request))
     if not runs:
         return gr.skip(), gr.skip(), gr.skip()
     deadline = time.monotonic() + timeout
     for run in runs:
         if not run.finished.wait(max(0.0, deadline - time.monotonic())):
-            return "Stopping... (the current step is finishing)", gr.skip(), gr.skip()
+            return STOPPING, gr.skip(), gr.skip()
     saved = [run for run in runs if run.name]
     if not saved:
         return "Stopped before the first step; nothing was trained.", gr.skip(), None
@@ -316,6 +326,7 @@ def wire(ui: dict[str, Any], picker: gr.Dropdown) -> list[Any]:
     train_event = ui["start"].click(train_run, inputs, outputs, api_name="train", **queue)
     compare_event = ui["compare"].click(compare_run, [ui["source"], ui["zip"], picker], outputs,
                                         api_name="compare", **queue)
-    stopped = ui["stop"].click(None, None, None, cancels=[train_event, compare_event]).then(
-        after_stop, None, [ui["status"], picker, ui["checkpoint"]], **HIDDEN)
+    # Outside the queue, so that Stop is answered at once however busy the server is.
+    stopped = ui["stop"].click(request_stop, None, ui["status"], cancels=[train_event, compare_event], queue=False,
+                               api_name="stop", **HIDDEN).then(after_stop, None, [ui["status"], picker, ui["checkpoint"]], **HIDDEN)
     return [train_event, compare_event, stopped]

@@ -13,6 +13,7 @@ import copy
 import functools
 import math
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -40,7 +41,7 @@ from ..data import (
     stratified_split,
     synthetic_shapes,
 )
-from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, ValidationEvent, evaluate
+from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, TrainingError, ValidationEvent, evaluate
 from ..engine import train as engine_train
 from ..model import VisionTransformer
 from . import common, models
@@ -203,7 +204,9 @@ class Run:
     name: str | None = None  # picker name, once registered
     checkpoint: Path | None = None
     message: str = ""
-    finished: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: stop between two steps
+    stopped: bool = False  # the engine stopped before the last step
+    finished: threading.Event = field(default_factory=threading.Event)  # saved and registered, or discarded
 
 
 _RUN_COUNTER = iter(range(1, 1_000_000))
@@ -321,12 +324,13 @@ def release_memory() -> None:
 
 def events(run: Run, freeze_backbone: bool = False) -> Iterator[StepEvent | ValidationEvent | EpochEvent]:
     """The engine's events for `run`, recorded into it (curves, history, last validation); the
-    engine's final `DoneEvent` ends the iteration. Closing this generator stops the engine."""
+    engine's final `DoneEvent` ends the iteration. Setting `run.stop`, or closing this generator,
+    stops the engine between two steps."""
     steps_per_epoch = run.total_steps // run.recipe.epochs
     val_every = max(1, run.total_steps // CURVE_POINTS)
     engine = engine_train(run.model, run.train_data, run.val_data, run.recipe, preprocess=run.prep, out_dir=None,
                           seed=0, freeze_backbone=freeze_backbone, log_every=max(1, run.total_steps // 150),
-                          val_every=val_every if val_every < steps_per_epoch else None)
+                          val_every=val_every if val_every < steps_per_epoch else None, should_stop=run.stop.is_set)
     run.training_started = time.perf_counter()
     trimmed = time.monotonic()
     try:
@@ -335,6 +339,7 @@ def events(run: Run, freeze_backbone: bool = False) -> Iterator[StepEvent | Vali
                 release_memory()
                 trimmed = time.monotonic()
             if isinstance(event, DoneEvent):
+                run.stopped = event.stopped
                 return
             if isinstance(event, StepEvent):
                 run.steps = event.step
@@ -419,3 +424,114 @@ def discard(run: Run, message: str) -> None:
     run.train_data = run.val_data = None
     shutil.rmtree(run.folder, ignore_errors=True)
     run.finished.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training in a thread of its own, so that the server keeps answering
+# ---------------------------------------------------------------------------------------------
+
+TRAINING_NICE = 10  # how much lower the training thread's CPU priority is than the server's (0-19)
+_END = object()  # the trainer's last item: every run has ended
+
+
+def lower_priority() -> None:
+    """Give this thread (and the threads it starts: PyTorch's intra-op workers) a lower CPU
+    priority, so that on a busy machine the server's threads get the cores first. On Linux a
+    thread's nice value is its own, and threads inherit it from the thread that starts them;
+    elsewhere this does nothing."""
+    with contextlib.suppress(AttributeError, OSError):  # no os.setpriority, or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TRAINING_NICE)
+
+
+@dataclass
+class Start:
+    """A run's figures before its first step (see `starting_point`)."""
+
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+
+
+@dataclass
+class Failed:
+    """A run failed; `message` is for the user."""
+
+    message: str
+
+
+class Trainer:
+    """`runs` measured (`Start`), then trained one after another, in a thread of its own at a lower
+    CPU priority (`lower_priority`); their events come out of `updates()`.
+
+    Why not in the event handler itself: Gradio waits for a generator's current step before it
+    cancels it, then closes the generator on its event loop, so a run trained inside the handler
+    kept Stop unanswered for a whole step and froze the server while it was saved (13 s on a slow
+    2-core CPU); and at the handlers' own priority the run took both cores from them. Here the
+    handler waits for events at most `timeout` seconds at a time, `stop()` returns at once, and the
+    thread stops between two steps, then saves and registers what it has (`finish`)."""
+
+    def __init__(self, runs: list[Run], freeze_backbone: bool = False) -> None:
+        self.runs = runs
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = False
+        self._thread = threading.Thread(target=self._work, args=(freeze_backbone,), daemon=True,
+                                        name=f"vitdemo-train-{runs[0].number}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop every run between two steps (a run under way is saved as it is, later ones never start)."""
+        for run in self.runs:
+            run.stop.set()
+
+    def updates(self, timeout: float) -> list[tuple[Run, Any]]:
+        """The (run, item) pairs since the last call, item a `Start`, an engine event or `Failed`,
+        waiting at most `timeout` seconds for the first; an empty list if none came."""
+        items = []
+        with contextlib.suppress(queue.Empty):
+            items.append(self._events.get(timeout=timeout))
+            while True:
+                items.append(self._events.get_nowait())
+        if _END in items:
+            self._ended = True
+        return [item for item in items if item is not _END]
+
+    @property
+    def ended(self) -> bool:
+        """Every run has ended (finished, stopped or failed) and `updates()` has returned its last items."""
+        return self._ended
+
+    def _work(self, freeze_backbone: bool) -> None:
+        lower_priority()
+        try:
+            for run in self.runs:  # every series starts at step 0, so all of them are in the first frame
+                with _failure(run, self._events):
+                    self._events.put((run, Start(*starting_point(run))))
+            for run in self.runs:
+                if run.stop.is_set() or run.finished.is_set():
+                    break
+                with _failure(run, self._events):
+                    for event in events(run, freeze_backbone):
+                        self._events.put((run, event))
+                    finish(run, stopped=run.stopped)
+                if not run.name:  # failed: the runs after it do not start
+                    break
+        finally:
+            for run in self.runs:  # runs that never started (stopped, or a failure before them)
+                if not run.finished.is_set():
+                    discard(run, "")
+            self._events.put(_END)
+
+
+@contextlib.contextmanager
+def _failure(run: Run, events: queue.SimpleQueue) -> Iterator[None]:
+    """A failure of `run` discards it and is sent as `Failed`, with a message for the user."""
+    try:
+        yield
+    except TrainingError as err:  # e.g. a non-finite loss: the user's settings
+        discard(run, f"**Training failed:** {err}")
+        events.put((run, Failed(str(err))))
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory: a message, not a crash
+        log.exception("run %s failed", run.number)
+        discard(run, f"Training failed ({type(err).__name__}); the server log has the details.")
+        events.put((run, Failed(run.message)))
