@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_PRESET, PRESETS, ViTConfig, get_config, list_presets
 from .convert import convert_state_dict, load_weights
 from .model import VisionTransformer, resample_pos_embed
+from .tracing import BlockTrace, Trace, trace
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ def create_model(name: str = DEFAULT_PRESET, num_classes: int | None = None, **o
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
+    "BlockTrace",
+    "Trace",
     "ViTConfig",
     "VisionTransformer",
     "__version__",
@@ -42,4 +45,5 @@ __all__ = [
     "save_checkpoint",
     "load_weights",
     "resample_pos_embed",
+    "trace",
 ]
