@@ -4,7 +4,8 @@ curves and a status line, and the trained model registered in the model picker.
 A run is the engine's generator (`vitdemo.engine.train`) driven by a `Trainer`, in a thread of
 its own at a lower CPU priority, whose events the tab's generator handler reads: closing the
 handler (Stop) sets the run's stop flag, the engine stops between two optimiser steps, and the
-thread saves and registers the model as it is then. Curves are long-format rows (step, value, series) for `gr.LinePlot`.
+thread saves and registers the model as it is then. Curves are long-format rows (step, value,
+series) for `gr.LinePlot`.
 """
 
 from __future__ import annotations
