@@ -185,12 +185,12 @@ def test_default_training_run_draws_both_curves_and_stop_keeps_the_model(page):
     drawn = {}
     for _ in range(600):  # up to 5 minutes on a slow CPU: validation points after step 0 and the train line, drawn
         drawn = {title: drawn_series(page, title) for title in ("Loss", "Accuracy (%)")}
-        if all(d.get("validation", 0) >= 4 and d.get("train", 0) >= 4 for d in drawn.values()):
+        if all(d.get("validation", 0) >= 3 and d.get("train", 0) >= 3 for d in drawn.values()):
             break
         page.wait_for_timeout(500)
     for title, series in drawn.items():
         assert set(series) == {"train", "validation", "lines"} and series["lines"] >= 2, (title, series)
-        assert series["validation"] >= 4, (title, series)
+        assert series["validation"] >= 3, (title, series)  # step 0 and a validation after it, joined by a line
     assert re.search(r"Step \d+/\d+|Epoch \d+/\d+ done", status.inner_text())
     shot(page, "train_running")
 
