@@ -143,7 +143,8 @@ def _drive(runs: list[Run], rows: dict[str, list], freeze: bool = False) -> Iter
             # frame is drawn before every run's step 0 is in.
             if frames is None and len(rows["loss"]) >= 2 * len(runs):
                 frames = _curves(rows)
-            yield (*(frames or (None, None)), status)
+            # After Stop (`request_stop`) the frames this yields until Gradio cancels it say so too.
+            yield (*(frames or (None, None)), STOPPING if any(run.stop.is_set() for run in runs) else status)
     finally:
         trainer.stop()  # a no-op once every run has ended; on Stop the thread saves the run, not Gradio's loop
 
