@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import about_tab, attention_tab, classify_tab, common, models, patches_tab, position_tab, train_tab
+from . import about_tab, attention_tab, classify_tab, common, inside_tab, models, patches_tab, position_tab, train_tab
 from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, if_image, image_input
 from .examples import draw_examples, photos
 from .models import MODELS, SHIPPED
@@ -35,8 +35,9 @@ def launch_options() -> dict[str, Any]:
 
 def select_model(name: str | None) -> tuple[Any, ...]:
     """Everything that changes with the model picker: the note, the card, the sliders' ranges
-    (layers, patch rows and columns), the attention cache (emptied), and the Attention tab's class
-    picker and faithfulness table (`attention_tab.model_views`)."""
+    (layers, patch rows and columns), the attention cache (emptied), the Attention tab's class
+    picker and faithfulness table (`attention_tab.model_views`), and the Inside tab's sliders
+    (`inside_tab.model_views`)."""
     note = models.model_note(name)
     card = models.model_card(name)
     try:
@@ -47,7 +48,7 @@ def select_model(name: str | None) -> tuple[Any, ...]:
     rows = gr.update(maximum=max(gh, 2), value=(gh + 1) // 2)
     cols = gr.update(maximum=max(gw, 2), value=(gw + 1) // 2)
     return (note, card, gr.update(maximum=max(depth, 2), value=depth), rows, cols, rows, cols, None,
-            *attention_tab.model_views(name))
+            *attention_tab.model_views(name), *inside_tab.model_views(name))
 
 
 def classify_quietly(image: Any, name: str | None, runtime: str) -> tuple[Any, Any]:
@@ -90,6 +91,8 @@ def build_demo() -> gr.Blocks:
                 classify_ui = classify_tab.create_ui()
             with gr.Tab("Patches", id="patches"):
                 patches_ui = patches_tab.create_ui()
+            with gr.Tab("Inside the model", id="inside"):
+                inside_ui = inside_tab.create_ui()
             with gr.Tab("Position embeddings", id="position"):
                 position_ui = position_tab.create_ui()
             with gr.Tab("Attention", id="attention"):
@@ -103,11 +106,13 @@ def build_demo() -> gr.Blocks:
         view = {"concurrency_limit": 2, "concurrency_id": "views"}
         model_outputs = [note, about_ui["card"], attention_ui["layer"], attention_ui["q_row"],
                          attention_ui["q_col"], position_ui["row"], position_ui["col"], attention_ui["cache"],
-                         *attention_tab.model_outputs(attention_ui)]
+                         *attention_tab.model_outputs(attention_ui), *inside_tab.model_outputs(inside_ui)]
         position_inputs = [picker, position_ui["row"], position_ui["col"]]
         position_outputs = position_tab.outputs(position_ui)
         attn_inputs, attn_outputs = attention_tab.io(attention_ui, image, picker)
         patch_outputs = patches_tab.outputs(patches_ui)
+        inside_inputs, inside_outputs = inside_tab.io(inside_ui, image, picker, classify_ui["runtime"])
+        inside_all = if_image(inside_tab.inside, inside_tab.EMPTY)
 
         classify_inputs = [image, picker, classify_ui["runtime"]]
         classify_outputs = [classify_ui["label"], classify_ui["ms"]]
@@ -126,6 +131,7 @@ def build_demo() -> gr.Blocks:
                       api_name="patches_for_model", **HIDDEN)
             done.then(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
                       api_name="explain_for_model", **view, **HIDDEN)
+            done.then(inside_all, inside_inputs, inside_outputs, api_name="inside_for_model", **view, **HIDDEN)
 
         on_model_change(demo.load(models.refresh_picker, picker, picker, **HIDDEN))
         on_model_change(picker.input(lambda name: name, picker, picker, **HIDDEN))
@@ -138,10 +144,12 @@ def build_demo() -> gr.Blocks:
                      api_name="patches", **view)
         image.change(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
                      api_name="explain_on_change", **view, **HIDDEN)
+        image.change(inside_all, inside_inputs, inside_outputs, api_name="inside", **view)
 
         classify_tab.wire(classify_ui, image, picker)
         position_tab.wire(position_ui, picker, HIDDEN)
         attention_tab.wire(attention_ui, image, picker, view, HIDDEN)
+        inside_tab.wire(inside_ui, image, picker, classify_ui["runtime"], view, HIDDEN)
         for event in train_tab.wire(train_ui, picker):
             on_model_change(event)
     demo.queue(max_size=QUEUE_SIZE)

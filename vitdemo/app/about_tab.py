@@ -6,7 +6,8 @@ from typing import Any
 
 import gradio as gr
 
-LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
+from .common import LATEX
+
 
 ABOUT = r"""
 ## The Vision Transformer

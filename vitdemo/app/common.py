@@ -176,4 +176,5 @@ def picture(**kwargs: Any) -> gr.Image:
     return gr.Image(format="png", interactive=False, show_label=False, buttons=[], **kwargs)
 
 
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]  # for gr.Markdown
 HIDDEN = {"api_visibility": "undocumented"}  # events the page uses that are no API of ours
