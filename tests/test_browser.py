@@ -72,12 +72,17 @@ def picture(tmp_path_factory) -> Path:
     return path
 
 
-def shot(page, name: str) -> None:
-    """A full-page screenshot. Gradio's images load lazily, when scrolled near: those far below the
-    window (at 400 px, most of a tab) would be missing from the shot but not from the user's page."""
-    ARTIFACTS.mkdir(exist_ok=True)
+def load_all_pictures(page) -> None:
+    """Gradio's images load lazily, when scrolled near: load those far below the window too (at
+    400 px, most of a tab), which the user would see by scrolling."""
     page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
     page.wait_for_function("[...document.images].every(i => i.complete)")
+
+
+def shot(page, name: str) -> None:
+    """A full-page screenshot, every picture loaded."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    load_all_pictures(page)
     page.mouse.move(0, 0)  # off the last button clicked, which would be drawn in its hover colour
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
@@ -175,6 +180,44 @@ def test_one_upload_shows_in_every_tab(page, picture):
     shot(page, "about")
 
 
+def shown_top5(panel) -> dict[str, float]:
+    """A Label's classes and probabilities as the page draws them (its bars' values)."""
+    return panel.locator("[data-testid=label] meter").evaluate_all(
+        "ms => Object.fromEntries(ms.map(m => [m.getAttribute('aria-label'), Number(m.value)]))")
+
+
+def test_inside_the_model_follows_a_clicked_patch_through_a_layer_to_the_classify_answer(page, picture):
+    upload(page, picture)
+    page.get_by_test_id("label-output-value").wait_for()
+    classify_top = page.get_by_test_id("label-output-value").first.inner_text()
+    panel = open_tab(page, "Inside the model")
+    panel.get_by_text(re.compile(r"is token 28\*?\*? of 65")).first.wait_for()  # the middle patch of 8x8
+    settled(page, 5)
+    load_all_pictures(page)
+    drawn = panel.locator("img").evaluate_all("is => is.filter(i => i.complete && i.naturalWidth > 0).length")
+    assert drawn >= 11, drawn  # grid, vectors, z_0, E, scores, weights, over the image, block, norms, answer, lens
+
+    # A click on the grid picks the patch under it: row 2, column 7 of 8 is token 1 + 1 * 8 + 6 = 15.
+    grid = panel.get_by_alt_text(re.compile("click one to follow it"))
+    box = grid.bounding_box()
+    grid.click(position={"x": box["width"] * 6.5 / 8, "y": box["height"] * 1.5 / 8})
+    panel.get_by_text(re.compile(r"is token 15\*?\*? of 65")).first.wait_for()
+    panel.get_by_text(re.compile(r"following token 15 \(patch 2, 7\)")).first.wait_for()
+
+    layer = panel.get_by_label("Layer").first
+    layer.fill("3")
+    layer.press("Tab")  # the slider's release event fires as the number box loses focus
+    panel.get_by_text(re.compile(r"Layer 3 of 7, head 1 of 6, following token 15")).first.wait_for()
+    settled(page, 5)
+
+    # Eq. 4's top 5 is the Classify tab's answer, and the text under it reads the same number.
+    top5 = shown_top5(panel)
+    best = max(top5, key=top5.get)
+    assert len(top5) == 5 and best == classify_top, (top5, classify_top)
+    panel.get_by_text(re.compile(rf"{best} {top5[best]:.1%}")).first.wait_for()
+    shot(page, "inside")
+
+
 def test_default_training_run_draws_both_curves_and_stop_keeps_the_model(page):
     """Every input at its default: the run the README shows. Both series are drawn, not only sent;
     then Stop says so at once and the model as it is becomes a model in the picker. (That the whole
@@ -221,7 +264,7 @@ def test_compare_draws_both_runs(page, monkeypatch):
     shot(page, "train_compare")
 
 
-@pytest.mark.parametrize("tab", ["Classify", "Train"])
+@pytest.mark.parametrize("tab", ["Classify", "Inside the model", "Train"])
 def test_phone_width(browser, app_url, picture, tab):
     """At 400 px the tabs fold into a menu; the page still shows the answer and the curves."""
     context = browser.new_context(viewport={"width": 400, "height": 900})
@@ -235,6 +278,16 @@ def test_phone_width(browser, app_url, picture, tab):
         picker = page.get_by_label("Model").first.bounding_box()
         note = page.locator("#model-note").bounding_box()
         assert picker["width"] >= 250 and note["y"] >= picker["y"] + picker["height"], (picker, note)
+        if tab == "Inside the model":
+            page.get_by_role("button", name="More tabs").click()
+            page.locator("button:visible", has_text=tab).last.click()
+            panel = visible_tab(page)
+            panel.get_by_text(re.compile(r"is token \d+\*?\*? of 65")).first.wait_for()
+            settled(page, 1)
+            load_all_pictures(page)
+            # Every picture fits the phone's width: none needs sideways scrolling.
+            widths = panel.locator("img").evaluate_all("is => is.map(i => i.getBoundingClientRect().right)")
+            assert max(widths) <= 400, widths
         if tab == "Train":
             page.get_by_role("button", name="More tabs").click()
             page.locator("button:visible", has_text="Train").last.click()
@@ -245,6 +298,6 @@ def test_phone_width(browser, app_url, picture, tab):
             page.locator(".status-line").first.get_by_text(re.compile("Finished")).wait_for(timeout=300_000)
             page.wait_for_timeout(1000)
             assert set(drawn_series(page, "Loss")) == {"train", "validation", "lines"}
-        shot(page, f"{tab.lower()}_400px")
+        shot(page, f"{tab.split()[0].lower()}_400px")
     finally:
         context.close()

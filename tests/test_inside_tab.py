@@ -210,3 +210,15 @@ def test_api_inside_endpoint_answers_as_classify_does(tmp_path, photo):
                            api_name="/inside")
     finally:
         demo.close()
+
+
+def test_residual_norm_chart_marks_the_token_and_layer_asked():
+    hidden = [torch.randn(1 + 16, 8) * (l + 1) for l in range(5)]  # z_0 ... z_4 of 16 patches
+    chart, (x0, y0, x1, y1) = WT.residual_norms(hidden)
+    assert 0 <= x0 < x1 <= chart.size[0] and 0 <= y0 < y1 <= chart.size[1]
+    marked = np.asarray(WT.mark_residual_norms(chart, (x0, y0, x1, y1), (5, 17), token=3, layer=2)).astype(int)
+    changed = np.argwhere((marked != np.asarray(chart).astype(int)).any(-1))
+    cw, rh = (x1 - x0) / 17, (y1 - y0) / 5
+    in_column = (changed[:, 1] >= x0 + 3 * cw - 2) & (changed[:, 1] <= x0 + 4 * cw + 2)
+    in_row = (changed[:, 0] >= y0 + 2 * rh - 2) & (changed[:, 0] <= y0 + 3 * rh + 2)
+    assert len(changed) > 0 and (in_column | in_row).all()

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .figures import font
+from .visualize import figure_to_image
 
 STRIP_WIDTH = 384  # pixels of a vector strip: readable in a phone's 400 px column
 LABEL_SIZE = 13
@@ -103,10 +104,11 @@ def token_matrix(tokens: Tensor | np.ndarray, highlight: int | None = None, widt
     return image
 
 
-def plot_residual_norms(hidden: Sequence[Tensor], token: int | None = None, layer: int | None = None) -> Figure:
+def residual_norms(hidden: Sequence[Tensor], dpi: int = 90) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """|z_l| for every token (columns; 0 is the class token) after every layer (rows; 0 is z_0,
-    the embeddings): how the residual stream grows through the depth. `token` and `layer` are
-    marked (a layer here counts blocks: row l is z_l)."""
+    the embeddings), drawn once per image: how the residual stream grows through the depth.
+    Returns the picture and the heat map's box in it (left, top, right, bottom pixels), for
+    `mark_residual_norms`, which marks a token and a layer without drawing the chart again."""
     norms = np.stack([h.float().norm(dim=-1).numpy() for h in hidden])  # (L+1, N+1)
     fig = Figure(figsize=(5.6, 3.0), layout="constrained")
     ax = fig.subplots()
@@ -119,12 +121,27 @@ def plot_residual_norms(hidden: Sequence[Tensor], token: int | None = None, laye
     ax.tick_params(labelsize=9.5)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
-    if token is not None:
-        ax.axvline(token, color="#00c853", lw=1.2, alpha=0.9)
-    if layer is not None:
-        ax.axhline(layer, color="#00c853", lw=1.2, alpha=0.9)
     ax.set_title("Residual stream norm per token and layer", fontsize=11)
-    return fig
+    picture = figure_to_image(fig, dpi=dpi)
+    # The axes' box in display pixels at the figure's own dpi, origin at the bottom left.
+    x0, y0, x1, y1 = (v * dpi / fig.dpi for v in ax.get_window_extent().extents)
+    h = picture.size[1]
+    return picture, (x0, h - y1, x1, h - y0)
+
+
+def mark_residual_norms(picture: Image.Image, box: tuple[float, float, float, float], shape: tuple[int, int],
+                        token: int | None = None, layer: int | None = None) -> Image.Image:
+    """A copy of `residual_norms`'s picture with the column of `token` and the row of `layer`
+    (row l is z_l) outlined in green; `shape` is (L+1, N+1)."""
+    out = picture.copy()
+    draw = ImageDraw.Draw(out)
+    (x0, y0, x1, y1), (rows, cols) = box, shape
+    cw, rh = (x1 - x0) / cols, (y1 - y0) / rows
+    if token is not None:
+        draw.rectangle([x0 + token * cw, y0, x0 + (token + 1) * cw, y1], outline=(0, 200, 83), width=2)
+    if layer is not None:
+        draw.rectangle([x0, y0 + layer * rh, x1, y0 + (layer + 1) * rh], outline=(0, 200, 83), width=2)
+    return out
 
 
 def plot_logit_lens(probs: Tensor, class_names: Sequence[str], classes: Sequence[int]) -> Figure:
@@ -150,5 +167,5 @@ def plot_logit_lens(probs: Tensor, class_names: Sequence[str], classes: Sequence
     return fig
 
 
-__all__ = ["plot_logit_lens", "plot_residual_norms", "strip_columns", "token_matrix", "vector_stack",
-           "vector_strip"]
+__all__ = ["mark_residual_norms", "plot_logit_lens", "residual_norms", "strip_columns", "token_matrix",
+           "vector_stack", "vector_strip"]

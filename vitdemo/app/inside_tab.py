@@ -172,6 +172,15 @@ def embedding_step(image: Any, model_name: str = SHIPPED, row: int = 1, col: int
 # ---------------------------------------------------------------------------------------------
 
 
+def _norms(picked: Entry, t: Trace) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The residual-norm chart of this trace, drawn once (a chart costs more than the rest of a step)."""
+    found = picked.views.get("norm_chart")
+    if found is None or found[0] is not t:  # one image's chart at a time, per model
+        found = (t, WT.residual_norms([z[0] for z in t.hidden]))
+        picked.views["norm_chart"] = found
+    return found[1]
+
+
 def _labelled(image: Image.Image, label: str) -> Image.Image:
     return FG.tile_grid([image], [label], 1)
 
@@ -226,7 +235,7 @@ def block_step(image: Any, model_name: str = SHIPPED, row: int = 1, col: int = 1
         ("MLP output", b.mlp_out[0, token]),
         (f"z_{i + 1} = MLP + z'_{i + 1} (Eq. 3)", t.hidden[i + 1][0, token]),
     ])
-    norms = vz.figure_to_image(WT.plot_residual_norms([z[0] for z in t.hidden], token=token, layer=i + 1), dpi=90)
+    norms = WT.mark_residual_norms(*_norms(picked, t), (depth + 1, gh * gw + 1), token=token, layer=i + 1)
     active = int((b.mlp_hidden[0, token] > 0).sum())
     text = (f"**Layer {i + 1} of {depth}, head {h + 1} of {heads}, following {who}.** Its query $q$ ({dh} "
             f"numbers) meets the {gh * gw + 1} keys $k$: scores from {float(scores.min()):.2f} to "
