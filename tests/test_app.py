@@ -225,12 +225,11 @@ def test_training_streams_curves_and_registers_the_model(photo):
         if loss is not None:  # no plot until the first frame that holds every series
             assert list(loss.columns) == ["step", "value", "series"] and list(acc.columns) == ["step", "value", "series"]
         assert isinstance(status, str)
-    loss, acc, status, picker, checkpoint = outputs[-1]
+    loss, acc, status, name, checkpoint = outputs[-1]
     assert set(loss["series"]) == {"train", "validation"} and set(acc["series"]) == {"train", "validation"}
     assert acc["value"].between(0, 100).all()
-    assert "Finished" in status
-    name = picker["value"]
-    assert name in picker["choices"] and name in models.model_choices() and "(finished)" in name
+    assert "Finished" in status and "Use this model" in status
+    assert name in models.model_choices() and "(finished)" in name
     assert os.path.isfile(checkpoint)
     model, meta = vitdemo.load_checkpoint(checkpoint)
     assert meta["class_names"] == list(vitdemo.data.SHAPES[:4]) and meta["metrics"]["epoch"] == 1
@@ -244,9 +243,8 @@ def test_stopping_training_keeps_the_model_so_far(photo):
         if loss is not None and loss["step"].max() > 0:  # the first step is done
             break
     run.close()  # what Gradio does on Stop
-    status, picker, checkpoint = train_tab.after_stop(timeout=5)
+    status, name, checkpoint = train_tab.after_stop(timeout=5)
     assert "Stopped" in status
-    name = picker["value"]
     assert name.endswith("(stopped)") and name in models.model_choices()
     assert os.path.isfile(checkpoint)
     card = models.model_card(name)
@@ -282,7 +280,7 @@ def test_training_input_errors(tmp_path):
 def test_fine_tuning_with_a_frozen_backbone_trains_only_a_new_head():
     outputs = list(train_tab.train_run(training.SRC_SYNTHETIC, None, **TINY_RUN, finetune=True, freeze_backbone=True,
                                 model_name=models.SHIPPED))
-    name = outputs[-1][3]["value"]
+    name = outputs[-1][3]
     assert "fine-tuned from" in name and "head only" in name
     tuned, shipped = models.MODELS.get(name).model, models.MODELS.get(models.SHIPPED).model
     assert torch.equal(tuned.blocks[0].attn.qkv.weight, shipped.blocks[0].attn.qkv.weight)  # backbone kept

@@ -242,7 +242,19 @@ def test_default_training_run_draws_both_curves_and_stop_keeps_the_model(page):
     status.get_by_text(re.compile(r"Stopping")).wait_for(timeout=10_000)
     status.get_by_text(re.compile(r"Stopped")).wait_for(timeout=120_000)
     assert re.search(r"Run \d+: .*\(stopped\)", status.inner_text())
+    # The stopped run joins the picker, but the picked model stays until the user picks another.
+    use = panel.get_by_role("button", name=re.compile("Use this model in every tab"))
+    use.wait_for()
+    page.wait_for_timeout(1000)
+    picker = page.get_by_label("Model").first
+    assert picker.input_value() == "Shipped CIFAR-10 ViT"
     shot(page, "train_stopped")
+    use.click()
+    for _ in range(40):  # the picker's value, as the page shows it
+        if "(stopped)" in picker.input_value():
+            break
+        page.wait_for_timeout(250)
+    assert re.search(r"Run \d+: .*\(stopped\)", picker.input_value())
 
 
 def test_compare_draws_both_runs(page, monkeypatch):

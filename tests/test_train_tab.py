@@ -98,7 +98,7 @@ def test_default_run_learns_through_the_server():
                 break
             time.sleep(0.5)
         if job.done():
-            loss, acc, status, picker, checkpoint = job.result()
+            loss, acc, status, name, checkpoint = job.result()
             val = [value for step, value, name in acc["data"] if name == "validation"]
             assert "Finished" in status, status
         else:
@@ -114,7 +114,7 @@ def test_comparison_draws_both_runs_validation_curves(monkeypatch):
     monkeypatch.setattr(train_tab, "COMPARE_PER_CLASS", 20)
     before = set(models.model_choices())
     outputs = list(train_tab.compare_run(training.SRC_SYNTHETIC, None, models.SHIPPED))
-    loss, acc, status, picker, checkpoint = outputs[-1]
+    loss, acc, status, name, checkpoint = outputs[-1]
     names = {f"{who}: {kind}" for who in (train_tab.SCRATCH, train_tab.FINETUNED) for kind in ("train", "validation")}
     frames = [a for _, a, *_ in outputs if a is not None]
     assert all(series(f) == names for f in frames)  # both runs' curves from the first frame
@@ -154,10 +154,10 @@ def test_stop_during_the_comparison_keeps_the_run_so_far_and_starts_no_other(mon
         if "Step 1/" in status or "Step 2/" in status:
             break
     run.close()  # what Gradio does on Stop
-    status, picker, checkpoint = train_tab.after_stop(timeout=5)
+    status, name, checkpoint = train_tab.after_stop(timeout=5)
     new = set(models.model_choices()) - before
-    assert "Stopped" in status and len(new) == 1 and next(iter(new)).endswith("(stopped)")
-    assert "from scratch" in picker["value"] and os.path.isfile(checkpoint)
+    assert "Stopped" in status and new == {name} and name.endswith("(stopped)")
+    assert "from scratch" in name and os.path.isfile(checkpoint)
     # The fine-tuning run never started: its folder is gone, only the stopped run's is new.
     assert set(training.RUNS_ROOT.iterdir()) - folders == {Path(checkpoint).parent}
 

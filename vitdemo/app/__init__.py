@@ -150,8 +150,7 @@ def build_demo() -> gr.Blocks:
         position_tab.wire(position_ui, picker, HIDDEN)
         attention_tab.wire(attention_ui, image, picker, view, HIDDEN)
         inside_tab.wire(inside_ui, image, picker, classify_ui["runtime"], view, HIDDEN)
-        for event in train_tab.wire(train_ui, picker):
-            on_model_change(event)
+        on_model_change(train_tab.wire(train_ui, picker))
     demo.queue(max_size=QUEUE_SIZE)
     return demo
 

@@ -170,8 +170,9 @@ def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int 
               finetune: bool = False, freeze_backbone: bool = False, model_name: str = SHIPPED,
               request: gr.Request = None) -> Iterator[tuple[Any, Any, str, Any, Any]]:
     """Train and stream the curves: yields (loss DataFrame, accuracy DataFrame, status Markdown,
-    model picker update, checkpoint file). The finished model, or the model as it is when the
-    generator is closed (Stop), becomes a selectable model and its checkpoint a download."""
+    the run's name in the model picker, checkpoint file). The finished model, or the model as it
+    is when the generator is closed (Stop), becomes a selectable model and its checkpoint a
+    download; the picked model does not change (the tab's "Use this model" button picks it)."""
     empty = None  # no plot until the first frame, which holds every series (see _drive)
     yield empty, empty, "Loading the data...", gr.skip(), None
     try:
@@ -193,8 +194,7 @@ def train_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, per_class: int 
     except gr.Error as err:
         yield (*_curves(rows), f"**Training failed:** {err.message}", gr.skip(), None)
         raise
-    yield (*_curves(rows), run.message, models.picker_update(run.name),
-           str(run.checkpoint) if run.checkpoint else None)
+    yield (*_curves(rows), run.message, run.name or gr.skip(), str(run.checkpoint) if run.checkpoint else None)
 
 
 def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: str = SHIPPED,
@@ -236,8 +236,7 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
     text = (f"**Done**: validation accuracy after {runs[0].total_steps} steps on the same images, "
             f"{' vs '.join(finals)}. Pre-training is what lets a ViT learn from little data (the paper's "
             f"central finding). Both models are in the model picker.")
-    yield (*_curves(rows), text, models.picker_update(runs[-1].name),
-           str(runs[-1].checkpoint) if runs[-1].checkpoint else None)
+    yield (*_curves(rows), text, runs[-1].name or gr.skip(), str(runs[-1].checkpoint) if runs[-1].checkpoint else None)
 
 
 def _session(request: gr.Request | None) -> str:
@@ -254,7 +253,8 @@ def request_stop(request: gr.Request = None) -> Any:
 
 
 def after_stop(request: gr.Request = None, timeout: float = 60.0) -> tuple[str, Any, Any]:
-    """After Stop: wait for the cancelled run to be saved, then show it (status, picker, file)."""
+    """After Stop: wait for the cancelled run to be saved, then show it (status, its name in the
+    picker, file)."""
     runs = _ACTIVE.get(_session(request))
     if not runs:
         return gr.skip(), gr.skip(), gr.skip()
@@ -266,7 +266,7 @@ def after_stop(request: gr.Request = None, timeout: float = 60.0) -> tuple[str, 
     if not saved:
         return "Stopped before the first step; nothing was trained.", gr.skip(), None
     last = saved[-1]
-    return last.message, models.picker_update(last.name), str(last.checkpoint) if last.checkpoint else None
+    return last.message, last.name, str(last.checkpoint) if last.checkpoint else None
 
 
 def source_defaults(source: str) -> tuple[Any, ...]:
@@ -310,18 +310,35 @@ def create_ui() -> dict[str, Any]:
                                 color_map=COLORS, height=300, min_width=320)
         acc_plot = gr.LinePlot(x="step", y="value", color="series", title="Accuracy (%)", x_title="step",
                                y_title="accuracy (%)", y_lim=[0, 100], color_map=COLORS, height=300, min_width=320)
+    use = gr.Button("Use this model", variant="primary", visible=False)
     checkpoint = gr.File(label="Checkpoint of the last run (model.safetensors)", interactive=False)
-    return {"source": source, "zip": zip_in, "per_class": per_class, "patch": patch, "width": width,
+    return {"use": use, "run": gr.State(None),"source": source, "zip": zip_in, "per_class": per_class, "patch": patch, "width": width,
             "depth": depth, "epochs": epochs, "lr": lr, "batch": batch, "finetune": finetune, "freeze": freeze,
             "start": start, "compare": compare, "stop": stop, "status": status, "loss": loss_plot,
             "acc": acc_plot, "checkpoint": checkpoint}
 
 
-def wire(ui: dict[str, Any], picker: gr.Dropdown) -> list[Any]:
-    """The tab's events; returns the training events, after which the picked model changes."""
+def use_button(name: str | None) -> Any:
+    """The "Use this model" button for the run just trained (hidden before the first)."""
+    if not name:
+        return gr.skip()
+    return gr.update(value=f"Use this model in every tab: {name}", visible=True)
+
+
+def use_model(name: str | None) -> Any:
+    """The picker set to the run just trained, when the user asks for it."""
+    if not name or name not in models.MODELS.choices():
+        raise user_error("That run is no longer in the model picker (the oldest runs make way for new ones).")
+    return models.picker_update(name)
+
+
+def wire(ui: dict[str, Any], picker: gr.Dropdown) -> Any:
+    """The tab's events. A finished or stopped run joins the picker's choices, but the picked model
+    changes only when the user picks: with the picker, or this tab's "Use this model" button, whose
+    event this returns (the app redraws every tab after it)."""
     settings = [ui[k] for k in ("per_class", "patch", "depth", "width", "epochs", "lr", "batch")]
     ui["source"].input(source_defaults, ui["source"], settings, **HIDDEN)
-    outputs = [ui["loss"], ui["acc"], ui["status"], picker, ui["checkpoint"]]
+    outputs = [ui["loss"], ui["acc"], ui["status"], ui["run"], ui["checkpoint"]]
     queue = {"concurrency_limit": 1, "concurrency_id": "train", "show_progress_on": [ui["status"]]}
     inputs = [ui["source"], ui["zip"], *settings, ui["finetune"], ui["freeze"], picker]
     train_event = ui["start"].click(train_run, inputs, outputs, api_name="train", **queue)
@@ -329,5 +346,9 @@ def wire(ui: dict[str, Any], picker: gr.Dropdown) -> list[Any]:
                                         api_name="compare", **queue)
     # Outside the queue, so that Stop is answered at once however busy the server is.
     stopped = ui["stop"].click(request_stop, None, ui["status"], cancels=[train_event, compare_event], queue=False,
-                               api_name="stop", **HIDDEN).then(after_stop, None, [ui["status"], picker, ui["checkpoint"]], **HIDDEN)
-    return [train_event, compare_event, stopped]
+                               api_name="stop", **HIDDEN).then(after_stop, None, [ui["status"], ui["run"], ui["checkpoint"]],
+                                                               **HIDDEN)
+    for event in (train_event, compare_event, stopped):
+        # New choices, the same pick (`refresh_picker` keeps the current model while it is in the store).
+        event.then(models.refresh_picker, picker, picker, **HIDDEN).then(use_button, ui["run"], ui["use"], **HIDDEN)
+    return ui["use"].click(use_model, ui["run"], picker, api_name="use_trained_model", **HIDDEN)

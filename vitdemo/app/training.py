@@ -406,11 +406,12 @@ def finish(run: Run, stopped: bool) -> None:
         seconds = time.perf_counter() - run.started
         if stopped:
             run.message = (f"**Stopped** at step {run.steps} of {run.total_steps} after {duration(seconds)}. The "
-                           f"model as it was then is **{run.name}** in the model picker; its checkpoint is below.")
+                           f"model as it was then is **{run.name}** in the model picker (**Use this model** below picks it "
+                           f"for every tab); its checkpoint is below.")
         else:
             val = f": validation accuracy **{models.pct(run.last_val[1])}**" if run.last_val is not None else ""
             run.message = (f"**Finished** in {duration(seconds)}{val}. The model is **{run.name}** in the model "
-                           f"picker; its checkpoint is below.")
+                           f"picker (**Use this model** below picks it for every tab); its checkpoint is below.")
     except Exception as err:  # noqa: BLE001 - e.g. a full disk: say so, never crash the server
         log.exception("could not save run %s", run.number)
         run.message = f"The run could not be saved ({type(err).__name__}); the server log has the details."
