@@ -4,6 +4,7 @@ with gradio_client. A tiny checkpoint stands in for the shipped model; nothing i
 import io
 import os
 import time
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_pretrained_offline_failure_is_cached(monkeypatch, photo):
         with pytest.raises(gr.Error) as excinfo:
             classify_tab.classify(photo, models.PRETRAINED)
         assert "not available" in error_message(excinfo) and "no network" in error_message(excinfo)
-    assert calls == ["torchvision"]  # the second click did not try to download again
+    assert calls == ["timm"]  # the second click did not try to download again
     assert "Not available now" in models.model_card(models.PRETRAINED)
     assert "86,567,656" in models.model_card(models.PRETRAINED)  # the card needs no download
 
@@ -293,14 +294,19 @@ def test_cifar_offline_is_explained_once(monkeypatch):
 
     def offline(*args, **kwargs):
         calls.append(1)
-        raise vitdemo.data.DataError("could not download") from OSError("Name or service not known")
+        # What torchvision's download raises offline, wrapped as the data module wraps it.
+        raise vitdemo.data.DataError("could not download") from urllib.error.URLError(
+            OSError(-2, "Name or service not known"))
 
     monkeypatch.setattr(training, "load_cifar10", offline)
     monkeypatch.setattr(training, "cifar_folders", lambda: [])
     for _ in range(2):
         with pytest.raises(gr.Error) as excinfo:
             training.load_training_data(training.SRC_CIFAR, None, 10, 32)
-        assert "offline" in error_message(excinfo) and "Name or service not known" in error_message(excinfo)
+        message = error_message(excinfo)
+        assert "could not be downloaded: no internet connection (Name or service not known)." in message
+        assert "class folders in `~/.cache/vitdemo/cifar10/train`" in message  # the documented place, whole
+        assert "Error" not in message and "urlopen" not in message
     assert calls == [1]
 
 

@@ -16,7 +16,7 @@ import gradio as gr
 from . import about_tab, attention_tab, classify_tab, common, inside_tab, models, patches_tab, position_tab, train_tab
 from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, if_image, image_input
 from .examples import draw_examples, photos
-from .models import MODELS, SHIPPED
+from .models import MODELS
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
 CSS = """
@@ -74,7 +74,7 @@ def build_demo() -> gr.Blocks:
         # Columns with a min_width wrap: on a phone the note goes under the picker instead of squeezing it
         with gr.Row(equal_height=True):
             with gr.Column(scale=2, min_width=300):
-                picker = gr.Dropdown(choices=MODELS.choices(), value=SHIPPED, label="Model", allow_custom_value=True,
+                picker = gr.Dropdown(choices=MODELS.choices(), value=models.default_model(), label="Model", allow_custom_value=True,
                                      info="Used by every tab; runs you train appear here.")
             with gr.Column(scale=1, min_width=300):
                 note = gr.Markdown(elem_id="model-note")

@@ -40,7 +40,8 @@ class ModelUnavailable(RuntimeError):
     """The model picked cannot be used (absent, offline, unknown); the message says why."""
 
 
-_SERVER_PATH = re.compile(r"(?<![\w.:/])((?:/[^\s/:'\"()]+){2,}/?)")  # /a/b..., not a URL's or "x/y"
+# /a/b..., not a URL's, not "x/y", not "~/a/b" (a documented place in the user's home, not the server's layout)
+_SERVER_PATH = re.compile(r"(?<![\w.:/~])((?:/[^\s/:'\"()]+){2,}/?)")
 _EXTRACTED = re.compile(r"\bvitdemo-zip-\w+")
 
 

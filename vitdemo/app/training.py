@@ -46,6 +46,7 @@ from ..data import (
 from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, TrainingError, ValidationEvent, evaluate
 from ..engine import train as engine_train
 from ..model import VisionTransformer
+from ..pretrained import download_failure
 from . import common, models
 from .common import clamp, log, user_error
 
@@ -123,9 +124,10 @@ def load_cifar(per_class: int) -> tuple[ImageData, str]:
         full = load_cifar10(torchvision_cifar_root(), train=True, download=True)
     except DataError as err:
         cause = err.__cause__ or err
+        why = download_failure(cause) or str(err)
         where = f"`{str(cache_dir() / 'cifar10' / 'train').replace(str(Path.home()), '~', 1)}`"  # documented
-        message = (f"CIFAR-10 is not on this server and could not be downloaded (is it offline? "
-                   f"{type(cause).__name__}: {cause}). Put CIFAR-10's training images as class folders in {where} "
+        message = (f"CIFAR-10 is not on this server and could not be downloaded: {why}. Put CIFAR-10's "
+                   f"training images as class folders in {where} "
                    f"(or set VITDEMO_CIFAR10 to such a folder), or use the built-in shapes or a .zip of class "
                    f"folders. The download is not tried again for {round(models.PRETRAINED_RETRY_SECONDS / 60)} "
                    f"minutes.")
