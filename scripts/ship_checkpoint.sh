@@ -15,7 +15,8 @@ dest=checkpoints/vit_cifar10
 split=(--data "$data" --val-size 5000 --split-seed 0)
 
 install -m 644 "$run/model.safetensors" "$dest/model.safetensors"
-python -m vitdemo export --checkpoint "$dest" --out "$dest/model.int8.onnx" --int8
-python -m vitdemo evaluate --checkpoint "$dest" "${split[@]}" --out "$dest"
+# --force: the previous model's export, evaluation and pictures are meant to be replaced here.
+python -m vitdemo export --checkpoint "$dest" --out "$dest/model.int8.onnx" --int8 --force
+python -m vitdemo evaluate --checkpoint "$dest" "${split[@]}" --out "$dest" --force
 python -m vitdemo evaluate --checkpoint "$dest" "${split[@]}" --runtime int8 --onnx "$dest/model.int8.onnx" | head -2
-python -m vitdemo explain docs/examples/ship.png --checkpoint "$dest" --out docs/explain
+python -m vitdemo explain docs/examples/ship.png --checkpoint "$dest" --out docs/explain --force

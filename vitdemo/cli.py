@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import create_model, get_config, list_presets, load_weights
-from .checkpoint import CheckpointError, load_checkpoint, load_peer_weights, preprocessing
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_peer_weights, preprocessing
 from .data import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -130,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .visualize import plot_history
 
+    support.check_new_run(args.out, args.resume, args.force)  # before any download, data or model
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(args.device)
     if world > 1:  # launched by torchrun
@@ -190,6 +191,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          resize=init_meta.get("resize") if init_meta else None,
                          interpolation=init_meta.get("interpolation", "bicubic") if init_meta else "bicubic")
     out = Path(args.out)
+    if args.force and _is_main():  # only now: a mistyped option or missing data leaves the old run as it was
+        support.start_over(args.out)
     events = train(model, train_data, val_data, recipe, preprocess=prep, out_dir=out, seed=args.seed,
                    device=device, resume=args.resume, freeze_backbone=args.freeze_backbone,
                    log_every=args.log_every, compile=args.compile, precision=args.precision,
@@ -230,6 +233,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .visualize import plot_confusion_matrix, plot_history
 
     model, meta = load_checkpoint(args.checkpoint)
+    saved = ["evaluation.json", "confusion_matrix.png"] + (["curves.png"] if meta.get("history") else [])
+    if args.out:  # before the evaluation, which can take minutes
+        support.check_new_files(args.out, saved, args.force)
     data, _, _ = load_data(args.data, meta["image_size"], args.data_root, args.download)
     if list(data.class_names) != list(meta["class_names"]):
         raise DataError(f"the data's classes {data.class_names} are not the model's {meta['class_names']}")
@@ -263,10 +269,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(report, indent=2))
         plot_confusion_matrix(matrix.numpy(), meta["class_names"]).savefig(out / "confusion_matrix.png", dpi=120)
-        saved = ["evaluation.json", "confusion_matrix.png"]
         if meta.get("history"):  # the training curves travel inside the checkpoint
             plot_history(meta["history"]).savefig(out / "curves.png", dpi=120)
-            saved.append("curves.png")
         print(f"saved {', '.join(saved)} in {out}")
     return 0
 
@@ -286,12 +290,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    support.check_new_file(args.out, args.force)
     model, meta = load_checkpoint(args.checkpoint)
     size = meta["image_size"]
     example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised to a constant
     out = Path(args.out)
     if out.suffix == ".onnx":
-        export_onnx(model, out, int8=args.int8)
+        # overwrite=False also keeps a file that appeared while the model was exported.
+        export_onnx(model, out, int8=args.int8, overwrite=args.force)
         with torch.no_grad():
             diff = (load_onnx(out, model)(example) - model(example)).abs().max().item()
         print(f"saved {out} (ONNX, {'int8 weights' if args.int8 else 'fp32'}; max |difference| to eager {diff:.2e})")
@@ -301,16 +307,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, out)
+    # Written whole under a temporary name, then renamed: an interrupted export leaves the old file.
+    atomic_write(out, lambda tmp: _save_program(program, tmp), overwrite=args.force)
     with torch.no_grad():
         diff = (torch.export.load(out).module()(example) - model(example)).abs().max().item()
     print(f"saved {out} (torch.export program; max |difference| to eager {diff:.2e})")
     return 0
 
 
+def _save_program(program: Any, path: str) -> None:
+    # A file object, not the name: torch.export warns about a file name not ending in .pt2.
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
+
+
+# What `explain` writes into --out (checked before any work, so that nothing of the user's is replaced).
+EXPLAIN_VIEWS = ("patches.png", "patch_sequence.png", "position_similarity.png", "rollout.png",
+                 "gradient_rollout.png", "attention_distance.png", "embedding_filters.png", "heads_last_layer.png")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from . import visualize as V
 
+    support.check_new_files(args.out, EXPLAIN_VIEWS, args.force)
     model, meta = load_checkpoint(args.checkpoint)
     size, patch = meta["image_size"], model.config.patch_size
     image = load_image(args.image)
@@ -457,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-images-per-class", type=int, help="use at most this many images of each class")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--force", action="store_true", help="start over in an --out that holds a run: its files "
+                                                        "(weights, state, results, curves, EMA) are deleted "
+                                                        "once the data and model are ready")
     t.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
     t.set_defaults(func=cmd_train)
 
@@ -469,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(e)
     e.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and (from the checkpoint's "
                                  "history) curves.png")
+    e.add_argument("--force", action="store_true", help="replace those files if --out already has them")
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images",
@@ -486,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("image", help="an image file")
     v.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--force", action="store_true", help="replace the views' files if --out already has them")
     v.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     v.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: share of weakest attention dropped")
     v.set_defaults(func=cmd_explain)
@@ -496,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
     x.add_argument("--out", required=True, help="output file: model.pt2 (torch.export) or model.onnx (ONNX)")
     x.add_argument("--int8", action="store_true", help="ONNX only: int8 weights (ONNX Runtime dynamic quantisation)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.set_defaults(func=cmd_export)
 
     o = sub.add_parser("fit-ood", help="fit a checkpoint's out-of-distribution score (vitdemo.ood) and store it "

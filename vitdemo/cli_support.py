@@ -1,6 +1,7 @@
 """What the command line (`vitdemo.cli`) needs around its commands: help that shows every
-default, checks of options before any work starts, the command line's own wording of offline
-errors, and the choice of the int8 file that ships beside a checkpoint.
+default, checks of options before any work starts (among them: never overwrite what the user
+made without --force), the command line's own wording of offline errors, and the choice of the
+int8 file that ships beside a checkpoint.
 
 Every problem is raised as `ValueError` (or the library's own errors), which `cli.main` prints
 as one `error: ...` line with exit code 2.
@@ -9,13 +10,15 @@ as one `error: ...` line with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_CHECKPOINT
-from .engine import RECIPES
+from .checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_NAME
+from .engine import EMA_DIR, RECIPES, STATE_NAME
 from .runtime import Runtime, load_onnx, prepare
 
 # The int8 export that ships beside a checkpoint (`vitdemo export --int8 --out DIR/model.int8.onnx`).
@@ -126,6 +129,67 @@ def check_default_checkpoint(checkpoint: str | None) -> None:
         raise ValueError("no --checkpoint given, and the shipped CIFAR-10 model is not part of this installation "
                          "(it lives in the repository's checkpoints/vit_cifar10: install from a clone with "
                          "`pip install -e .`); pass --checkpoint RUN_DIR")
+
+
+# ---------------------------------------------------------------------------------------------
+# Never overwrite what the user made
+# ---------------------------------------------------------------------------------------------
+
+# What `train --out DIR` writes. A DIR holding any of them is a run: training there again
+# would replace its weights and state after one epoch, so it needs --resume or --force.
+RUN_FILES = (WEIGHTS_NAME, STATE_NAME, "results.json", "curves.png", f"{EMA_DIR}/{WEIGHTS_NAME}")
+
+
+def existing(folder: str | Path, names: Iterable[str]) -> list[str]:
+    """Those of `names` that are already in `folder`."""
+    folder = Path(folder).expanduser()
+    return [name for name in names if (folder / name).exists()]
+
+
+def check_new_run(out: str, resume: bool, force: bool) -> None:
+    """Refuse `train --out OUT` on a previous run unless told to continue it or start over; an
+    empty or new folder is fine. Checked before any data are loaded or a model is built."""
+    if resume and force:
+        raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; give --out a folder for the run")
+    found = existing(path, RUN_FILES)
+    if found and not (resume or force):
+        raise ValueError(f"--out {out} already holds a training run ({', '.join(found)}): add --resume to continue "
+                         f"it, --force to start over in its place, or give --out a new folder")
+
+
+def start_over(out: str) -> None:
+    """Delete a previous run's files from `out` (`train --force`), so that none of them (an EMA
+    checkpoint the new run does not make, the old results) can pass for the new run's. Other
+    files in the folder are the user's and stay."""
+    path = Path(out).expanduser()
+    for name in existing(path, RUN_FILES):
+        (path / name).unlink()
+    with contextlib.suppress(OSError):  # only if the old EMA checkpoint was all it held
+        (path / EMA_DIR).rmdir()
+
+
+def check_new_files(out: str, names: Iterable[str], force: bool) -> None:
+    """Refuse to write `names` into the folder `out` over files of the same names, unless `force`."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; give --out a folder")
+    found = existing(path, names)
+    if found and not force:
+        them = "it" if len(found) == 1 else "them"
+        raise ValueError(f"--out {out} already holds {', '.join(found)}: add --force to replace {them}, or give "
+                         f"--out another folder")
+
+
+def check_new_file(out: str, force: bool) -> None:
+    """Refuse to write the file `out` over an existing one, unless `force`."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give --out a file name, such as {Path(out) / 'model.pt2'}")
+    if path.exists() and not force:
+        raise ValueError(f"--out {out} already exists: add --force to replace it, or give --out another file name")
 
 
 # ---------------------------------------------------------------------------------------------
