@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,10 +67,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, overwrite: b
     except FileExistsError:
         Path(tmp).unlink(missing_ok=True)
         raise FileExistsError(f"{path.name} already exists and is left as it is") from None
-    except BaseException as err:
+    except OSError as err:  # the disk or the folder: say which file could not be written
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+    except BaseException:
+        # Anything else (an interrupt, MemoryError, a bug in `write`) is no writing problem: it
+        # surfaces as it is, and only the temporary file goes.
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -235,6 +240,31 @@ def load_checkpoint(
     return model.to(map_location).eval(), metadata
 
 
+# What reading a damaged or foreign weights file raises: safetensors' own error; from torch.load,
+# an unpickler refusing an object or an opcode, a broken zip archive (RuntimeError), and, for
+# damaged or random bytes, EOFError, UnicodeDecodeError (a ValueError), IndexError, KeyError,
+# struct.error and AssertionError (all seen fuzzing torch.load with weights_only=True); OSError
+# for a file that cannot be read.
+PEER_DECODE_ERRORS = (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError,
+                      KeyError, struct.error, AssertionError, OSError)
+
+
+def _file_fault(err: Exception) -> bool:
+    """Whether `err`, from reading a weights file, is about the file's bytes. A damaged pickle can
+    also make torch's unpickler call a constructor with wrong arguments or ask an object for an
+    attribute it lacks: a TypeError or AttributeError raised in torch's own code. The same from
+    anywhere else is a bug, and MemoryError is this machine's limit: neither is the file's fault."""
+    if isinstance(err, PEER_DECODE_ERRORS):
+        return True
+    if not isinstance(err, (TypeError, AttributeError)):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module == "torch" or module.startswith("torch.")
+
+
 def load_peer_weights(path: str | Path, source: str) -> dict[str, torch.Tensor]:
     """Read another implementation's weights (.safetensors, or .pth/.bin/.pt loaded with
     `weights_only=True` so a pickle cannot run code) and convert them to vitdemo's names."""
@@ -248,7 +278,9 @@ def load_peer_weights(path: str | Path, source: str) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decode failure is the same user-facing problem
+    except Exception as err:
+        if not _file_fault(err):
+            raise
         raise CheckpointError(f"cannot read weights from {path}: {err}") from err
     for wrapper in ("state_dict", "model"):  # common training-script wrappers
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

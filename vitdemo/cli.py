@@ -169,6 +169,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = _overrides(args.set)
         if args.image_size:
             overrides["image_size"] = args.image_size
+        # The data decide the classes; a --set num_classes that agrees with them is harmless.
+        classes = overrides.pop("num_classes", len(data.class_names))
+        if classes != len(data.class_names):
+            raise ValueError(f"--set num_classes={classes} contradicts --data {args.data}, which has "
+                             f"{len(data.class_names)} classes; leave num_classes out (the data decide it)")
         model = create_model(args.preset, num_classes=len(data.class_names), **overrides)
         if args.init_from:  # another implementation's weights file, in --init-source's names
             for note in load_weights(model, load_peer_weights(args.init_from, args.init_source)):
@@ -553,5 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last epoch's checkpoint is intact (resume with --resume)", file=sys.stderr)
+        if args.command == "train":
+            print("interrupted; the last epoch's checkpoint is intact (resume with --resume)", file=sys.stderr)
+        else:  # no checkpoint to speak of; what was being written is left as it was
+            print("interrupted", file=sys.stderr)
         return 130

@@ -12,14 +12,19 @@ message meant for the person who supplied the data.
 
 from __future__ import annotations
 
+import gzip
+import http.client
 import io
 import math
 import os
 import shutil
+import ssl
 import stat
 import struct
 import sys
+import tarfile
 import tempfile
+import urllib.error
 import warnings
 import zipfile
 import zlib
@@ -508,27 +513,50 @@ def load_zip(
 # ---------------------------------------------------------------------------------------------
 
 
+# What a download that did not get through raises: urllib's URLError (no network, a name that does
+# not resolve, an HTTP error), a connection dropped or timed out mid-transfer, http.client's
+# protocol errors (a truncated response) and TLS errors. Other OSErrors (a full disk, a folder
+# that cannot be written) are not "offline" and surface as they are.
+NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, ssl.SSLError)
+# What unpacking a damaged archive raises (torchvision checks the download's MD5 first, so rare).
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
 def load_cifar10(root: str | os.PathLike, train: bool = True, download: bool = False) -> ImageData:
     """CIFAR-10 in torchvision's format (the python pickles), 32 x 32, from `root`."""
     split = "training" if train else "test"
     root = Path(root).expanduser()
     before = set(root.iterdir()) if root.is_dir() else None  # what a failed download must leave as it was
+    folder = "load an ImageFolder copy with load_image_folder(root/<class>/<image>)"
     try:
-        dataset = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
-    except BaseException as exc:
-        if download and root.is_dir():  # neither the folder torchvision made nor a partial archive stays behind
-            for path in [root] if before is None else [p for p in root.iterdir() if p not in before]:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-        if not isinstance(exc, (OSError, RuntimeError)):  # URLError is an OSError; torchvision raises RuntimeError
+        try:
+            dataset = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
+        except BaseException:
+            if download and root.is_dir():  # whatever failed, neither torchvision's folder nor a partial archive stays
+                for path in [root] if before is None else [p for p in root.iterdir() if p not in before]:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+            raise
+    except NETWORK_ERRORS as exc:
+        if not download:
+            raise
+        raise DataError(f"could not download CIFAR-10 (offline?): {exc}. Without internet, {folder}.") from exc
+    except ARCHIVE_ERRORS as exc:
+        if not download:
+            raise
+        raise DataError(f"could not download CIFAR-10: the archive arrived damaged ({type(exc).__name__}: {exc}); "
+                        f"try again, or {folder}.") from exc
+    except RuntimeError as exc:
+        # torchvision's only words for a missing or half-present copy, and for a download whose MD5 is
+        # wrong; any other RuntimeError is not about the data and surfaces as it is.
+        if "not found or corrupted" not in str(exc):
             raise
         if download:
-            raise DataError(f"could not download CIFAR-10 (offline?): {exc}. Without internet, load an "
-                            f"ImageFolder copy with load_image_folder(root/<class>/<image>).") from exc
+            raise DataError(f"could not download CIFAR-10: {exc} Try again, or {folder}.") from exc
         raise DataError(f"CIFAR-10 ({split} set) not found in {root}: pass download=True when online, or "
-                        f"load an ImageFolder copy with load_image_folder(root/<class>/<image>).") from exc
+                        f"{folder}.") from exc
     images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
     return ImageData(images, labels, list(dataset.classes))
