@@ -244,16 +244,37 @@ def test_range_checks_survive_gradio_rebuilding_a_slider():
         plain.preprocess(99)
 
 
-def test_a_controls_own_event_keeps_the_views_and_warns(monkeypatch):
-    from vitdemo.app.inputs import keep_views, number_in
+def test_a_controls_own_event_draws_what_the_slider_shows_and_warns(monkeypatch):
+    """A typed 9 on a 1-4 slider: the slider's box clamps it to 4, so the views are drawn at 4 (not
+    left at the last value, which the box no longer shows), and one warning says so. Any other
+    message keeps the views as they were."""
+    from vitdemo.app.inputs import keep_views, number_in, one_of
 
     shown = []
     monkeypatch.setattr(gr, "Warning", lambda message, duration=None: shown.append((message, duration)))
-    fn = keep_views(lambda layer: number_in(layer, 1, 4, "Layer", whole=True), 3)
-    assert fn(2) == 2
-    out = fn(9)
+    fn = keep_views(lambda layer, head: (number_in(layer, 1, 4, "Layer", whole=True),
+                                         number_in(head, 1, 2, "Head", whole=True), "drawn"), 3)
+    assert fn(2, 1) == (2, 1, "drawn") and shown == []
+    assert fn(9, 0) == (4, 1, "drawn")
+    assert shown == [("Layer must be a whole number from 1 to 4; got 9. Showing 4. "
+                      "Head must be a whole number from 1 to 2; got 0. Showing 1.", None)]
+    shown.clear()
+    other = keep_views(lambda method: one_of(method, ["rollout"], "The method"), 3)
+    out = other("saliency")
     assert len(out) == 3 and all(isinstance(o, type(gr.skip())) for o in out)
-    assert shown == [("Layer must be a whole number from 1 to 4; got 9.", None)]
+    assert shown == [("The method must be one of: 'rollout'; got 'saliency'.", None)]
+
+
+def test_the_train_tabs_sliders_say_when_they_clamp(monkeypatch):
+    from vitdemo.app.inputs import warn_out_of_range
+
+    shown = []
+    monkeypatch.setattr(gr, "Warning", lambda message, duration=None: shown.append(message))
+    check = warn_out_of_range(1, 8, "Layers")
+    check(4)
+    assert shown == []
+    check(50)
+    assert shown == ["Layers must be a whole number from 1 to 8; got 50. It is set to 8, which is what Start will use."]
 
 
 def test_out_of_range_position_gets_our_message():
@@ -311,6 +332,23 @@ def test_api_class_picker_changes_relevance_not_rollout_and_ranges_are_ours(tmp_
         assert Image.open(grid).size == (256, 256) and "65 tokens" in text
     finally:
         demo.close()
+
+
+def test_a_model_that_cannot_be_had_empties_each_view_and_says_so_in_place(photo, monkeypatch):
+    from vitdemo.app import inside_tab
+
+    monkeypatch.setattr(models, "MODELS", models.ModelStore())
+    models.MODELS.remember_failure(models.PRETRAINED, "its weights could not be downloaded")
+    views = [(models.if_available(patches_tab.patches, (None, None, ""), note=2), 2),
+             (models.if_available(A.explain, A.EMPTY, note=3), 3),
+             (models.if_available(inside_tab.inside, inside_tab.EMPTY, note=4), 4)]
+    for view, note in views:
+        out = view(photo, models.PRETRAINED)
+        assert out[note] == "Not available: its weights could not be downloaded"
+        assert all(o is None or isinstance(o, str) for o in out)  # no stale picture
+        assert view(None, models.PRETRAINED)[note] == ""  # no image: nothing to say
+    grid, _, text = views[0][0](photo, models.SHIPPED)  # an available model is drawn as usual
+    assert grid is not None and "patches" in text
 
 
 def test_image_errors_in_these_tabs_are_ours():

@@ -218,6 +218,50 @@ def test_inside_the_model_follows_a_clicked_patch_through_a_layer_to_the_classif
     shot(page, "inside")
 
 
+def toasts(page) -> list[str]:
+    return [t for t in page.locator(".toast-body").all_inner_texts() if t.strip()]
+
+
+def test_messages_a_presenter_can_read_aloud(page, picture, tmp_path):
+    """A file that is not an image: one message, not one per tab. A model that cannot be had
+    (ViT-B/16 offline here): each tab says so in place, no error badges. A typed layer beyond the
+    slider: the maps are drawn at the layer the slider shows, and a warning says so."""
+    bad = tmp_path / "broken.png"
+    data = picture.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])  # truncated
+    upload(page, bad)
+    page.wait_for_timeout(4000)
+    said = toasts(page)
+    assert len(said) == 1 and "could not be" in said[0], said
+    page.locator(".toast-close").first.click()
+
+    upload(page, picture)
+    page.get_by_test_id("label-output-value").wait_for()
+    panel = open_tab(page, "Attention")
+    settled(page)
+    layer = panel.get_by_label("Layer").first
+    layer.fill("99")
+    layer.press("Tab")
+    panel.get_by_text(re.compile(r"attends to in layer 7 of 7")).first.wait_for()
+    page.wait_for_timeout(1000)
+    assert layer.input_value() == "7"
+    said = toasts(page)
+    assert len(said) == 1 and "Layer must be a whole number from 1 to 7" in said[0] and "Showing 7" in said[0], said
+    page.locator(".toast-close").first.click()
+
+    picker = page.get_by_label("Model").first
+    picker.click()
+    page.get_by_role("option", name=re.compile(r"ViT-B.16 ImageNet")).click()
+    page.locator("#model-note").get_by_text(re.compile("not available here")).wait_for(timeout=60_000)
+    panel.get_by_text(re.compile(r"^Not available: ")).first.wait_for()
+    page.wait_for_timeout(1500)
+    assert panel.get_by_text("Error", exact=True).count() == 0  # no red badge on the pictures
+    assert toasts(page) == []  # said in place, not in a popup
+    shot(page, "attention_offline_model")
+    panel = open_tab(page, "Classify")
+    panel.get_by_text(re.compile(r"^Not available: ")).first.wait_for()
+
+
 def test_default_training_run_draws_both_curves_and_stop_keeps_the_model(page):
     """Every input at its default: the run the README shows. Both series are drawn, not only sent;
     then Stop says so at once and the model as it is becomes a model in the picker. (That the whole

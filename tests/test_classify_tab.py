@@ -83,13 +83,14 @@ def test_training_like_images_are_mostly_not_flagged(tmp_path):
 
 def test_a_model_change_classifies_the_image_again_or_quietly_shows_nothing(monkeypatch):
     """After the picker changes, the Classify tab answers with the new model; a model that cannot
-    be used (the pre-trained one, offline) empties the answer instead of raising a second message
-    (the note under the picker says why)."""
+    be used (the pre-trained one, offline) empties the answer instead of raising a second message,
+    and the answer's note says why in place."""
     import vitdemo.app
 
     image = Image.new("RGB", (64, 64), (120, 170, 230))
     labels, info = vitdemo.app.classify_quietly(image, models.SHIPPED, "eager")
     assert set(labels) <= set(CIFAR10_CLASSES) and info["model"] == models.SHIPPED
     models.MODELS.remember_failure(models.PRETRAINED, "offline")
-    assert vitdemo.app.classify_quietly(image, models.PRETRAINED, "eager") == (None, None)
+    labels, info = vitdemo.app.classify_quietly(image, models.PRETRAINED, "eager")
+    assert labels is None and classify_tab.answer_note(info) == "Not available: offline"
     assert vitdemo.app.classify_quietly(None, models.SHIPPED, "eager") == (None, None)

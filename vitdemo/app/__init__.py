@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from . import about_tab, attention_tab, classify_tab, common, inside_tab, models, patches_tab, position_tab, train_tab
-from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, if_image, image_input
+from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, check_image, image_input
 from .examples import draw_examples, photos
 from .models import MODELS
 
@@ -52,14 +52,15 @@ def select_model(name: str | None) -> tuple[Any, ...]:
 
 
 def classify_quietly(image: Any, name: str | None, runtime: str) -> tuple[Any, Any]:
-    """The image classified again after the model changed; nothing (and no second message) when
-    that model cannot be used: the note under the picker already says why."""
+    """The image classified for the page's own events (a new image, a model picked): when that
+    model cannot be used, no answer and no error popup; the answer's note
+    (`classify_tab.answer_note`) says "Not available" and why, in place."""
     if image is None:
         return None, None
     try:
         return classify_tab.classify(image, name, runtime)
-    except gr.Error:
-        return None, None
+    except gr.Error as err:
+        return None, {"unavailable": err.message}
 
 
 def build_demo() -> gr.Blocks:
@@ -104,6 +105,7 @@ def build_demo() -> gr.Blocks:
 
         # -- wiring ----------------------------------------------------------------------------
         view = {"concurrency_limit": 2, "concurrency_id": "views"}
+        checks = {"concurrency_limit": 4, "concurrency_id": "checks"}  # quick: an image read, a number checked
         model_outputs = [note, about_ui["card"], attention_ui["layer"], attention_ui["q_row"],
                          attention_ui["q_col"], position_ui["row"], position_ui["col"], attention_ui["cache"],
                          *attention_tab.model_outputs(attention_ui), *inside_tab.model_outputs(inside_ui)]
@@ -112,39 +114,40 @@ def build_demo() -> gr.Blocks:
         attn_inputs, attn_outputs = attention_tab.io(attention_ui, image, picker)
         patch_outputs = patches_tab.outputs(patches_ui)
         inside_inputs, inside_outputs = inside_tab.io(inside_ui, image, picker, classify_ui["runtime"])
-        inside_all = if_image(inside_tab.inside, inside_tab.EMPTY)
 
         classify_inputs = [image, picker, classify_ui["runtime"]]
         classify_outputs = [classify_ui["label"], classify_ui["ms"]]
-        classify_again = if_image(classify_tab.classify, (None, None))
         classify_queue = {"concurrency_limit": 3, "concurrency_id": "classify"}
+        # The page's views of the image: emptied without one, and "Not available: why" in place for
+        # a model that cannot be used (no error on every picture).
+        patches_view = models.if_available(patches_tab.patches, (None, None, ""), note=2)
+        explain_view = models.if_available(attention_tab.explain, attention_tab.EMPTY, note=3)
+        inside_view = models.if_available(inside_tab.inside, inside_tab.EMPTY, note=4)
+
+        def show_image(ready: Any, suffix: str = "") -> None:
+            """Every tab's view of the image, once `ready` (the image checked) has succeeded."""
+            api = {"api_name": f"classify{suffix or '_on_change'}", **HIDDEN}
+            ready.success(classify_quietly, classify_inputs, classify_outputs, **api, **classify_queue).success(
+                classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
+            # The new image's views are public ("patches", "inside"); the model change's are named apart.
+            ready.success(patches_view, [image, picker], patch_outputs, api_name=f"patches{suffix}", **view,
+                          **(HIDDEN if suffix else {}))
+            ready.success(explain_view, attn_inputs, attn_outputs, api_name=f"explain{suffix or '_on_change'}",
+                          **view, **HIDDEN)
+            ready.success(inside_view, inside_inputs, inside_outputs, api_name=f"inside{suffix}", **view,
+                          **(HIDDEN if suffix else {}))
 
         def on_model_change(event: Any) -> None:
             """After the picked model changes: its note, card, sliders and every view of the image."""
             done = event.then(select_model, picker, model_outputs, **HIDDEN)
-            done.then(classify_quietly, classify_inputs, classify_outputs, api_name="classify_for_model",
-                      **classify_queue, **HIDDEN).success(
-                classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
             done.then(position_tab.position_views, position_inputs, position_outputs, **HIDDEN)
-            # Named, so that they leave the names "patches" and "explain" to the public endpoints.
-            done.then(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs, **view,
-                      api_name="patches_for_model", **HIDDEN)
-            done.then(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
-                      api_name="explain_for_model", **view, **HIDDEN)
-            done.then(inside_all, inside_inputs, inside_outputs, api_name="inside_for_model", **view, **HIDDEN)
+            show_image(done.then(check_image, image, None, **checks, **HIDDEN), "_for_model")
 
         on_model_change(demo.load(models.refresh_picker, picker, picker, **HIDDEN))
         on_model_change(picker.input(lambda name: name, picker, picker, **HIDDEN))
-
-        # One image for every tab: a new image updates each tab's view of it.
-        image.change(classify_again, classify_inputs, classify_outputs, api_name="classify_on_change",
-                     **classify_queue, **HIDDEN).success(
-            classify_tab.answer_note, classify_ui["ms"], classify_ui["timing"], **HIDDEN)
-        image.change(if_image(patches_tab.patches, (None, None, "")), [image, picker], patch_outputs,
-                     api_name="patches", **view)
-        image.change(if_image(attention_tab.explain, attention_tab.EMPTY), attn_inputs, attn_outputs,
-                     api_name="explain_on_change", **view, **HIDDEN)
-        image.change(inside_all, inside_inputs, inside_outputs, api_name="inside", **view)
+        # One image for every tab: a new image updates each tab's view of it; a file that cannot be
+        # read is said once (by `check_image`), not once per tab.
+        show_image(image.change(check_image, image, None, **checks, **HIDDEN))
 
         classify_tab.wire(classify_ui, image, picker)
         position_tab.wire(position_ui, picker, HIDDEN)

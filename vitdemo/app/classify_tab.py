@@ -58,6 +58,8 @@ def answer_note(info: dict[str, Any] | None) -> str:
     image unlike the training data or far smaller than the model's input, and the time taken."""
     if not info:
         return ""
+    if "unavailable" in info:
+        return f"Not available: {info['unavailable']}"
     try:
         config, meta = models.model_spec(info.get("model"))
     except ModelUnavailable:

@@ -10,6 +10,7 @@ copies. Other modules read the store as `models.MODELS` at call time (tests repl
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 import time
@@ -203,6 +204,28 @@ def model_spec(name: str | None) -> tuple[ViTConfig, dict[str, Any]]:
                 **PRETRAINED_PREPROCESSING[PRETRAINED_SOURCE]}
         return config, meta
     raise ModelUnavailable(f"Unknown model {name!r}; choose one of {MODELS.choices()}.")
+
+
+def if_available(fn: Callable, empty: tuple, note: int | None = None) -> Callable:
+    """`fn(image, model_name, ...)` for the page's own events (a new image, a model picked): without
+    an image the outputs are emptied; with a model that cannot be used they are too, and the text
+    output at index `note` says "Not available: why" in place, with no error (no red badge on every
+    picture: the note under the picker says it once). Buttons and controls keep their errors."""
+
+    @functools.wraps(fn)
+    def wrapper(image: Any, model_name: str | None, *args: Any) -> Any:
+        if image is None:
+            return empty
+        try:
+            entry(model_name)
+        except ModelUnavailable as err:
+            out = list(empty)
+            if note is not None:
+                out[note] = f"Not available: {err}"
+            return tuple(out)
+        return fn(image, model_name, *args)
+
+    return wrapper
 
 
 def model_input(image: Image.Image, meta: dict[str, Any]) -> torch.Tensor:

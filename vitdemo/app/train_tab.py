@@ -16,7 +16,7 @@ from ..engine import EpochEvent, StepEvent, ValidationEvent
 from ..model import VisionTransformer
 from . import models, training
 from .common import HIDDEN, ModelUnavailable, clamp, for_users, log, user_error
-from .inputs import choice, number_in, numeric_slider
+from .inputs import choice, number_in, numeric_slider, warn_out_of_range
 from .models import SHIPPED
 from .training import SOURCES, SRC_CIFAR, SRC_SYNTHETIC, SRC_ZIP, Run
 
@@ -45,6 +45,9 @@ STOPPING = "**Stopping...** the current step is finishing; then the model as it 
 POLL_SECONDS = 0.25  # the longest a training handler goes without yielding: Stop is answered within it
 
 
+SLIDER_RANGES = {"per_class": (10, 5000, "Images per class"), "depth": (1, 8, "Layers"), "epochs": (1, 30, "Epochs")}
+
+
 def _settings(per_class: Any, patch: Any, depth: Any, width: Any, epochs: Any, lr: Any, batch_size: Any
               ) -> dict[str, Any]:
     """The tab's numbers, checked: our own message, with the allowed range, for any other."""
@@ -57,9 +60,9 @@ def _settings(per_class: Any, patch: Any, depth: Any, width: Any, epochs: Any, l
         return int(number_in(value, lo, hi, what, whole=True))
 
     lr = number_in(lr, *LR_RANGE, "The learning rate", why="small ViTs train well at 1e-3 to 3e-3 with this recipe")
-    return {"per_class": within(per_class, 10, 5000, "Images per class"), "patch": pick(patch, PATCHES, "The patch size"),
-            "depth": within(depth, 1, 8, "Layers"), "width": pick(width, WIDTHS, "The width D"),
-            "epochs": within(epochs, 1, 30, "Epochs"), "lr": lr,
+    return {"per_class": within(per_class, *SLIDER_RANGES["per_class"]), "patch": pick(patch, PATCHES, "The patch size"),
+            "depth": within(depth, *SLIDER_RANGES["depth"]), "width": pick(width, WIDTHS, "The width D"),
+            "epochs": within(epochs, *SLIDER_RANGES["epochs"]), "lr": lr,
             "batch_size": pick(batch_size, BATCH_SIZES, "The batch size")}
 
 
@@ -287,7 +290,8 @@ def create_ui() -> dict[str, Any]:
             source = gr.Radio(list(SOURCES), value=SRC_SYNTHETIC, label="Data")
             zip_in = gr.File(file_types=[".zip"], type="filepath",
                              label="Zip of class folders (zip/<class>/<image>), for 'Uploaded .zip'")
-            per_class = numeric_slider(10, 5000, value=d["per_class"], step=10, label="Images per class (at most)")
+            per_class = numeric_slider(*SLIDER_RANGES["per_class"][:2], value=d["per_class"], step=10,
+                                       label="Images per class (at most)")
             finetune = gr.Checkbox(False, label="Fine-tune the selected model (new head for these classes)")
             freeze = gr.Checkbox(False, label="Freeze the backbone (train only the head)")
         with gr.Column():
@@ -295,8 +299,8 @@ def create_ui() -> dict[str, Any]:
                 patch = choice(gr.Radio(list(PATCHES), value=d["patch"], label="Patch size P (new model)"),
                                "The patch size")
                 width = gr.Dropdown(list(WIDTHS), value=d["width"], label="Width D (new model; heads of 32)")
-            depth = numeric_slider(1, 8, value=d["depth"], step=1, label="Layers (new model)")
-            epochs = numeric_slider(1, 30, value=d["epochs"], step=1, label="Epochs")
+            depth = numeric_slider(*SLIDER_RANGES["depth"][:2], value=d["depth"], step=1, label="Layers (new model)")
+            epochs = numeric_slider(*SLIDER_RANGES["epochs"][:2], value=d["epochs"], step=1, label="Epochs")
             lr = gr.Number(d["lr"], label=f"Learning rate (AdamW, warm-up then cosine; {LR_RANGE[0]:g} to "
                                           f"{LR_RANGE[1]:g})")
             batch = choice(gr.Radio(list(BATCH_SIZES), value=d["batch"], label="Batch size"), "The batch size")
@@ -338,6 +342,9 @@ def wire(ui: dict[str, Any], picker: gr.Dropdown) -> Any:
     event this returns (the app redraws every tab after it)."""
     settings = [ui[k] for k in ("per_class", "patch", "depth", "width", "epochs", "lr", "batch")]
     ui["source"].input(source_defaults, ui["source"], settings, **HIDDEN)
+    for key, (lo, hi, name) in SLIDER_RANGES.items():  # a typed number the slider clamps is said at once
+        ui[key].release(warn_out_of_range(lo, hi, name), ui[key], None, concurrency_limit=4, concurrency_id="checks",
+                        **HIDDEN)
     outputs = [ui["loss"], ui["acc"], ui["status"], ui["run"], ui["checkpoint"]]
     queue = {"concurrency_limit": 1, "concurrency_id": "train", "show_progress_on": [ui["status"]]}
     inputs = [ui["source"], ui["zip"], *settings, ui["finetune"], ui["freeze"], picker]
