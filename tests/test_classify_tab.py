@@ -52,7 +52,23 @@ def test_images_unlike_the_training_data_are_flagged_and_still_answered(kind):
             draw.text((4, y), "The quick brown fox jumps", fill="black")
     labels, note = note_for(image)
     assert labels  # the answer is still shown...
-    assert "unlike the model's training data" in note  # ...with the warning in words
+    assert "does not look like anything this model was trained on" in note  # ...with the warning in words
+    # ...and the answer itself says so: its heading is not a class, the ranking stays under it.
+    shown, _ = classify_tab.answer(image, models.SHIPPED, "eager")
+    assert shown == {"heading": "⚠️ Probably none of its 10 classes", "confidences": labels}
+    label = classify_tab.answer_label(num_top_classes=5, render=False)
+    drawn = label.postprocess(shown)
+    assert drawn.label == shown["heading"] and [c.label for c in drawn.confidences] == list(labels)[:5]
+
+
+def test_an_image_like_the_training_data_is_answered_with_its_class(monkeypatch):
+    image = Image.new("RGB", (64, 64), (120, 170, 230))
+    labels, info = classify_tab.classify(image, models.SHIPPED, "eager")
+    info["ood"]["flagged"] = False
+    monkeypatch.setattr(classify_tab, "classify", lambda *args: (labels, info))
+    shown, _ = classify_tab.answer(image, models.SHIPPED, "eager")
+    assert shown is labels
+    assert classify_tab.answer_label(render=False).postprocess(shown).label == max(labels, key=labels.get)
 
 
 @pytest.mark.parametrize(("relative", "shown"), [
@@ -89,6 +105,7 @@ def test_a_model_change_classifies_the_image_again_or_quietly_shows_nothing(monk
 
     image = Image.new("RGB", (64, 64), (120, 170, 230))
     labels, info = vitdemo.app.classify_quietly(image, models.SHIPPED, "eager")
+    labels = labels.get("confidences", labels)  # flagged or not, the ranked classes
     assert set(labels) <= set(CIFAR10_CLASSES) and info["model"] == models.SHIPPED
     models.MODELS.remember_failure(models.PRETRAINED, "offline")
     labels, info = vitdemo.app.classify_quietly(image, models.PRETRAINED, "eager")

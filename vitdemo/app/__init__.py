@@ -22,9 +22,30 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
 CSS = """
 #model-note p { margin: 0.2em 0; }
 .status-line { min-height: 2.6em; }
+/* an image unlike the training data: the warning is a box of its own above the (ranked) answer */
+/* wide screens: the Classify tab's settings on the left, its answer on the right */
+@media (min-width: 721px) { #classify-row { flex-direction: row-reverse; } }
+/* Phones: every tab's name in view, in rows, instead of most of them behind a "..." menu. Gradio
+   moves the tabs that do not fit, measured on a hidden copy of the tab bar, into that menu: shrink
+   the copy so that all fit, and let the real bar wrap. */
+@media (max-width: 720px) {
+  .tab-container.visually-hidden button { font-size: 1px !important; padding: 0 !important; min-width: 0 !important; }
+  [role=tablist].tab-container { flex-wrap: wrap !important; height: auto !important; row-gap: 2px; }
+  .tab-wrapper { height: auto !important; padding-bottom: 4px; }
+  [role=tablist].tab-container button { padding: 6px 9px !important; }
+}
+.ood-warning { background: #fff4e5; border-left: 5px solid #f59e0b; padding: 0.6em 0.8em; border-radius: 4px;
+               color: #5b3a00; margin: 0.4em 0; }
 /* a dropdown's value too long for a narrow screen ends in an ellipsis before the arrow, not under it */
 .wrap .secondary-wrap input { text-overflow: ellipsis; padding-right: 1.75rem; }
 """
+
+
+SHOW_ANSWER_ON_PHONES = """() => {
+  if (window.innerWidth <= 720) {
+    setTimeout(() => document.getElementById('tabs')?.scrollIntoView({block: 'start'}), 300);
+  }
+}"""
 
 
 def launch_options() -> dict[str, Any]:
@@ -58,7 +79,7 @@ def classify_quietly(image: Any, name: str | None, runtime: str) -> tuple[Any, A
     if image is None:
         return None, None
     try:
-        return classify_tab.classify(image, name, runtime)
+        return classify_tab.answer(image, name, runtime)
     except gr.Error as err:
         return None, {"unavailable": err.message}
 
@@ -87,7 +108,7 @@ def build_demo() -> gr.Blocks:
                     gr.Examples(photographs, inputs=image, label="Photos (shipped with gradio)")
                 gr.Examples(drawn, inputs=image, label="Drawn pictures")
 
-        with gr.Tabs():
+        with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Classify", id="classify"):
                 classify_ui = classify_tab.create_ui()
             with gr.Tab("Patches", id="patches"):
@@ -148,6 +169,8 @@ def build_demo() -> gr.Blocks:
         # One image for every tab: a new image updates each tab's view of it; a file that cannot be
         # read is said once (by `check_image`), not once per tab.
         show_image(image.change(check_image, image, None, **checks, **HIDDEN))
+        # On a phone the tabs are far below the image: bring them (and the answer) into view.
+        image.change(None, None, None, js=SHOW_ANSWER_ON_PHONES)
 
         classify_tab.wire(classify_ui, image, picker)
         position_tab.wire(position_ui, picker, HIDDEN)

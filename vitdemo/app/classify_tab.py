@@ -41,6 +41,42 @@ def classify(image: Any, model_name: str = SHIPPED, runtime: str = "auto") -> tu
     return labels, info
 
 
+def flagged_heading(info: dict[str, Any] | None, classes: int) -> str | None:
+    """What the answer's heading says instead of a class when the image is flagged as unlike the
+    training data: the model still ranks its classes, but the answer is probably none of them."""
+    verdict = (info or {}).get("ood")
+    if verdict and verdict["flagged"]:
+        return f"⚠️ Probably none of its {classes} classes"
+    return None
+
+
+def answer(image: Any, model_name: str = SHIPPED, runtime: str = "auto") -> tuple[dict[str, Any], dict[str, Any]]:
+    """`classify` as the page and the API show it: for an image flagged as unlike the training
+    data the label's heading says "Probably none of its N classes" instead of naming the top class
+    (the ranked classes stay under it), so the warning is part of the answer, not a footnote."""
+    labels, info = classify(image, model_name, runtime)
+    heading = flagged_heading(info, len(models.model_spec(model_name)[1]["class_names"]))
+    return ({"heading": heading, "confidences": labels} if heading else labels), info
+
+
+def answer_label(**kwargs: Any) -> gr.Label:
+    """A `gr.Label` that also takes {"heading": text, "confidences": {class: p}} (from `answer`):
+    the ranked classes with `text` as its heading. An instance attribute, not a subclass (Gradio
+    writes a .pyi stub next to a module that subclasses a component)."""
+    label = gr.Label(**kwargs)
+    postprocess = label.postprocess
+
+    def with_heading(value: Any) -> Any:
+        if isinstance(value, dict) and "heading" in value:
+            data = postprocess(value["confidences"])
+            data.label = value["heading"]
+            return data
+        return postprocess(value)
+
+    label.postprocess = with_heading
+    return label
+
+
 def times_threshold(relative: float) -> str:
     """The out-of-distribution score as a multiple of the threshold (above 1 is flagged), with as
     many decimals as it takes to stay on the same side of 1: a flagged 1.04 must not read "1.0x"."""
@@ -76,10 +112,11 @@ def answer_note(info: dict[str, Any] | None) -> str:
     verdict = info.get("ood")
     times = times_threshold(verdict["relative"]) if verdict else ""
     if verdict and verdict["flagged"]:
-        lines.append(f"⚠️ **This image looks unlike the model's training data** (out-of-distribution score "
-                     f"{times} the threshold that {1 - verdict['rate']:.0%} of held-out "
-                     f"training-like images stay under). The model still has to pick one of its {len(names)} "
-                     f"classes, so the answer below is likely meaningless.")
+        # A box of its own (CSS `.ood-warning`), in words a stakeholder understands, then the figures.
+        lines.append(f'<div class="ood-warning"><strong>This picture does not look like anything this model was '
+                     f'trained on.</strong> It can only answer with one of its {len(names)} classes, so the '
+                     f'ranking below is probably meaningless. (Out-of-distribution score {times} the threshold '
+                     f'that {1 - verdict["rate"]:.0%} of held-out training-like images stay under.)</div>')
     elif verdict:
         acc = (meta.get("metrics") or {}).get("val_acc")
         known = f", which it gets right {acc:.0%} of the time on held-out images" if isinstance(acc, float) else ""
@@ -94,15 +131,17 @@ def answer_note(info: dict[str, Any] | None) -> str:
 
 def create_ui() -> dict[str, Any]:
     """The tab's components (inside a `gr.Tab`)."""
-    with gr.Row():
+    # The answer first in the page's order, so that on a phone (columns stacked) it comes before the
+    # settings; on a wide screen the settings column is drawn on the left (CSS `#classify-row`).
+    with gr.Row(elem_id="classify-row"):
+        with gr.Column(elem_id="classify-answer"):
+            label = answer_label(num_top_classes=5, label="Top 5")
+            timing = gr.Markdown(elem_classes="answer-note")
         with gr.Column():
             runtime = gr.Dropdown(RUNTIME_CHOICES, value="auto", label="Runtime",
                                   info="int8: faster on the CPU, the same class as fp32 for 99% of images. "
                                        "An ONNX export takes seconds on first use.")
             button = gr.Button("Classify", variant="primary")
-        with gr.Column():
-            timing = gr.Markdown(elem_classes="answer-note")
-            label = gr.Label(num_top_classes=5, label="Top 5")
     return {"runtime": runtime, "button": button, "label": label, "timing": timing, "ms": gr.State(None)}
 
 
@@ -110,5 +149,5 @@ def wire(ui: dict[str, Any], image: gr.Image, picker: gr.Dropdown) -> None:
     outputs = [ui["label"], ui["ms"]]
     inputs = [image, picker, ui["runtime"]]
     same_queue = {"concurrency_limit": 3, "concurrency_id": "classify"}
-    ui["button"].click(classify, inputs, outputs, api_name="classify", **same_queue).success(
+    ui["button"].click(answer, inputs, outputs, api_name="classify", **same_queue).success(
         answer_note, ui["ms"], ui["timing"], **HIDDEN)

@@ -316,7 +316,9 @@ def create_ui() -> dict[str, Any]:
                                y_title="accuracy (%)", y_lim=[0, 100], color_map=COLORS, height=300, min_width=320)
     use = gr.Button("Use this model", variant="primary", visible=False)
     checkpoint = gr.File(label="Checkpoint of the last run (model.safetensors)", interactive=False)
-    return {"use": use, "run": gr.State(None),"source": source, "zip": zip_in, "per_class": per_class, "patch": patch, "width": width,
+    # The run's name, for the button and for API callers (a State would not be in the API's answer).
+    run_name = gr.Textbox(visible=False, label="The run's name in the model picker")
+    return {"use": use, "run": run_name,"source": source, "zip": zip_in, "per_class": per_class, "patch": patch, "width": width,
             "depth": depth, "epochs": epochs, "lr": lr, "batch": batch, "finetune": finetune, "freeze": freeze,
             "start": start, "compare": compare, "stop": stop, "status": status, "loss": loss_plot,
             "acc": acc_plot, "checkpoint": checkpoint}
