@@ -232,6 +232,7 @@ def test_messages_a_presenter_can_read_aloud(page, picture, tmp_path):
     """A file that is not an image: one message, not one per tab. A model that cannot be had
     (ViT-B/16 offline here): each tab says so in place, no error badges. A typed layer beyond the
     slider: the maps are drawn at the layer the slider shows, and a warning says so."""
+    page.locator("#examples").get_by_text(re.compile("CIFAR-10 images the shipped model never trained on")).wait_for()
     bad = tmp_path / "broken.png"
     data = picture.read_bytes()
     bad.write_bytes(data[: len(data) // 3])  # truncated
@@ -259,6 +260,7 @@ def test_messages_a_presenter_can_read_aloud(page, picture, tmp_path):
     picker.click()
     page.get_by_role("option", name=re.compile(r"ViT-B.16 ImageNet")).click()
     page.locator("#model-note").get_by_text(re.compile("not available here")).wait_for(timeout=60_000)
+    page.locator("#examples").get_by_text("Photos (shipped with gradio)").wait_for()  # the examples follow the model
     panel.get_by_text(re.compile(r"^Not available: ")).first.wait_for()
     page.wait_for_timeout(1500)
     assert panel.get_by_text("Error", exact=True).count() == 0  # no red badge on the pictures

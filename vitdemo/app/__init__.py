@@ -15,12 +15,15 @@ import gradio as gr
 
 from . import about_tab, attention_tab, classify_tab, common, inside_tab, models, patches_tab, position_tab, train_tab
 from .common import DELETE_CACHE, HIDDEN, MAX_FILE_SIZE, QUEUE_SIZE, check_image, image_input
-from .examples import draw_examples, photos
+from .examples import ExampleSet, examples_for
 from .models import MODELS
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
 CSS = """
 #model-note p { margin: 0.2em 0; }
+/* the CIFAR-10 and shapes examples are 32x32: enlarged to the frame without blurring, every pixel a square */
+#examples img { image-rendering: pixelated; }
+#input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .status-line { min-height: 2.6em; }
 /* an image unlike the training data: the warning is a box of its own above the (ranked) answer */
 /* wide screens: the Classify tab's settings on the left, its answer on the right */
@@ -72,6 +75,31 @@ def select_model(name: str | None) -> tuple[Any, ...]:
             *attention_tab.model_views(name), *inside_tab.model_views(name))
 
 
+def example_set(name: str | None) -> ExampleSet:
+    """The examples the model `name` can know (`examples.examples_for`)."""
+    try:
+        _, meta = models.model_spec(name)
+        names = list(meta["class_names"])
+    except common.ModelUnavailable:
+        names = []
+    return examples_for(names, common.APP_DIR / "examples")
+
+
+def example_view(name: str | None) -> dict[str, Any]:
+    """The examples' Dataset settings for the model `name`: its samples (drawn as thumbnails; with
+    captions Gradio would draw text buttons instead) and its title."""
+    chosen = example_set(name)
+    return {"samples": [[str(path)] for path, _ in chosen.items], "label": chosen.title}
+
+
+def pick_example(index: int | None, name: str | None) -> Any:
+    """The file of the example clicked, for the image input."""
+    items = example_set(name).items
+    if index is None or not 0 <= int(index) < len(items):
+        return gr.skip()
+    return str(items[int(index)][0])
+
+
 def classify_quietly(image: Any, name: str | None, runtime: str) -> tuple[Any, Any]:
     """The image classified for the page's own events (a new image, a model picked): when that
     model cannot be used, no answer and no error popup; the answer's note
@@ -86,8 +114,7 @@ def classify_quietly(image: Any, name: str | None, runtime: str) -> tuple[Any, A
 
 def build_demo() -> gr.Blocks:
     """The app. Launch it with `demo.launch(**launch_options())`."""
-    drawn = [[str(p)] for p in draw_examples(common.APP_DIR / "examples")]
-    photographs = [[str(p)] for p in photos()]
+    first = models.default_model()
     with gr.Blocks(title="vitdemo: An Image is Worth 16x16 Words", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# vitdemo: the Vision Transformer, explained\n"
                     "An image cut into patches, each patch a word, read by a Transformer "
@@ -102,11 +129,12 @@ def build_demo() -> gr.Blocks:
                 note = gr.Markdown(elem_id="model-note")
         with gr.Row():
             with gr.Column(scale=1):
-                image = image_input("Image (used by every tab)", height=260)
+                image = image_input("Image (used by every tab)", height=260, elem_id="input-image")
             with gr.Column(scale=1):
-                if photographs:
-                    gr.Examples(photographs, inputs=image, label="Photos (shipped with gradio)")
-                gr.Examples(drawn, inputs=image, label="Drawn pictures")
+                # A Dataset, not gr.Examples, so that the model picked chooses the examples.
+                examples = gr.Dataset(components=[gr.Image(type="filepath", visible=False, render=False)],
+                                      type="index", samples_per_page=20, elem_id="examples",
+                                      **example_view(first))
 
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Classify", id="classify"):
@@ -159,13 +187,15 @@ def build_demo() -> gr.Blocks:
                           **(HIDDEN if suffix else {}))
 
         def on_model_change(event: Any) -> None:
-            """After the picked model changes: its note, card, sliders and every view of the image."""
+            """After the picked model changes: its note, card, sliders, examples and every view of the image."""
             done = event.then(select_model, picker, model_outputs, **HIDDEN)
+            done.then(lambda name: gr.Dataset(**example_view(name)), picker, examples, **HIDDEN)
             done.then(position_tab.position_views, position_inputs, position_outputs, **HIDDEN)
             show_image(done.then(check_image, image, None, **checks, **HIDDEN), "_for_model")
 
         on_model_change(demo.load(models.refresh_picker, picker, picker, **HIDDEN))
         on_model_change(picker.input(lambda name: name, picker, picker, **HIDDEN))
+        examples.click(pick_example, [examples, picker], image, **HIDDEN)
         # One image for every tab: a new image updates each tab's view of it; a file that cannot be
         # read is said once (by `check_image`), not once per tab.
         show_image(image.change(check_image, image, None, **checks, **HIDDEN))

@@ -123,12 +123,12 @@ def _decode_upload(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return preprocess
 
 
-def image_input(label: str = "Image", height: int = 300) -> gr.Image:
+def image_input(label: str = "Image", height: int = 300, elem_id: str | None = None) -> gr.Image:
     """An image input for PIL images in their own mode: `image_mode=None` keeps 16-bit, CMYK,
     alpha and palette images as they are, for the data module's conversion (`to_rgb`) instead of
     Pillow's lossy one; Gradio has already applied the EXIF rotation."""
     image = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard", "webcam"], label=label,
-                     height=height)
+                     height=height, elem_id=elem_id)
     # An instance attribute rather than a subclass: subclassing a Gradio component makes Gradio
     # write a .pyi stub file next to this module at import time.
     image.preprocess = _decode_upload(image.preprocess)
@@ -158,6 +158,14 @@ def to_rgb(image: Any) -> Image.Image:
         return decode_rgb(image)  # Gradio's image is opened lazily: decoding happens (and fails) here
     except DataError as err:
         raise user_error(f"The image could not be decoded; is the file corrupt or truncated? ({err})") from None
+
+
+def check_image(image: Any) -> None:
+    """Nothing for a readable image or for none; our message for one that cannot be read. The
+    page's views of a new image wait for this event (`.success`), so that a bad file is said once,
+    not once per tab."""
+    if image is not None:
+        to_rgb(image)
 
 
 def if_image(fn: Callable, empty: tuple) -> Callable:

@@ -1,13 +1,69 @@
-"""Example images: pictures drawn here (no data set images are shipped) and the photos that the
-gradio package itself ships."""
+"""Example images, chosen for the model picked (`examples_for`): images it can know.
+
+- CIFAR-10 models: two images per class from the shipped model's held-out split (never trained
+  on), in `assets/cifar10/` with `examples.json` saying how they were picked
+  (`scripts/pick_examples.py`); the only CIFAR-10 images in the repository.
+- ImageNet models: the photos that the gradio package itself ships.
+- Models trained on the built-in shapes: new shapes drawn as their training images are (another seed).
+- Any other model: pictures drawn here, one of them a 16-bit PNG.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio.media
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..data import CIFAR10_CLASSES, SHAPES, synthetic_shapes
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHAPE_SEED = 2020  # not the Train tab's seed (0): shapes the runs have never seen
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    """The examples shown for a model: a title saying what they are, and (file, caption) pairs."""
+
+    title: str
+    items: tuple[tuple[Path, str], ...]
+
+
+def cifar_examples() -> ExampleSet:
+    """The 20 held-out CIFAR-10 images, with their classes as captions."""
+    manifest = json.loads((ASSETS / "cifar10" / "examples.json").read_text())
+    items = tuple((ASSETS / "cifar10" / file, f"{name} (held out)")
+                  for name, entry in manifest["classes"].items() for file in entry["files"])
+    return ExampleSet("CIFAR-10 images the shipped model never trained on, two per class (its held-out split; "
+                      "32x32, shown enlarged)", items)
+
+
+def shape_examples(folder: Path, num_classes: int) -> ExampleSet:
+    """Two new shapes per class, drawn as the Train tab's built-in data are (32x32)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = synthetic_shapes(num_classes=num_classes, per_class=2, image_size=32, seed=SHAPE_SEED)
+    items = []
+    for i, (image, label) in enumerate(zip(data.images, data.labels.tolist())):
+        path = folder / f"{SHAPES[label]}-{i}.png"
+        if not path.is_file():
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        items.append((path, SHAPES[label]))
+    return ExampleSet("New shapes, drawn like the built-in training images (32x32, shown enlarged)", tuple(items))
+
+
+def examples_for(class_names: list[str], folder: Path) -> ExampleSet:
+    """The examples a model with these classes can know (`folder`: where drawn ones are written)."""
+    names = list(class_names)
+    if names == list(CIFAR10_CLASSES):
+        return cifar_examples()
+    if len(names) == 1000:
+        return ExampleSet("Photos (shipped with gradio)", tuple((p, p.stem) for p in photos()))
+    if names == list(SHAPES[: len(names)]):
+        return shape_examples(folder / f"shapes-{len(names)}", len(names))
+    return ExampleSet("Drawn pictures", tuple((p, p.stem) for p in draw_examples(folder / "drawn")))
 
 
 def _sky(size: int, top: tuple, bottom: tuple) -> Image.Image:
