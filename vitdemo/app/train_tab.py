@@ -96,9 +96,12 @@ def _prepare(source: str, zip_file: Any, settings: dict[str, Any], finetune: boo
     return training.new_run(model, data, prep, recipe, what, name), freeze_backbone
 
 
-def _status(run: Run, event: Any) -> str:
-    eta = training.eta_seconds(run)
+def _status(run: Run, event: Any, steps_after: int = 0) -> str:
+    """The status line: the step or epoch, the latest validation accuracy, and the time left for
+    everything the button started (`steps_after`: the steps of the runs after this one)."""
+    eta = training.eta_seconds(run, steps_after)
     left = f", about {training.duration(eta)} left" if eta is not None else ""
+    left += " in all" if steps_after and left else ""
     val = f", validation accuracy **{run.last_val[1]:.1%}**" if run.last_val is not None else ""
     who = run.label.capitalize()
     if isinstance(event, EpochEvent):
@@ -106,6 +109,10 @@ def _status(run: Run, event: Any) -> str:
                 f"accuracy {event.train_acc:.1%}{val}{left}")
     epoch = min(run.recipe.epochs, run.steps * run.recipe.epochs // max(run.total_steps, 1) + 1)
     return (f"{who}**Step {run.steps}/{run.total_steps}** (epoch {epoch}/{run.recipe.epochs}){val}{left}")
+
+
+def _steps_after(runs: list[Run], run: Run) -> int:
+    return sum(later.total_steps for later in runs[runs.index(run) + 1:])
 
 
 def _curves(rows: dict[str, list]) -> tuple[Any, Any]:
@@ -135,12 +142,12 @@ def _drive(runs: list[Run], rows: dict[str, list], freeze: bool = False) -> Iter
                 elif isinstance(item, StepEvent):
                     rows["loss"].append((item.step, item.loss, f"{run.label}train"))
                     rows["acc"].append((item.step, 100 * item.acc, f"{run.label}train"))
-                    status = _status(run, item)
+                    status = _status(run, item, _steps_after(runs, run))
                 elif isinstance(item, ValidationEvent | EpochEvent) and run.last_val is not None:
                     step = item.step if isinstance(item, ValidationEvent) else run.steps
                     rows["loss"].append((step, run.last_val[0], f"{run.label}validation"))
                     rows["acc"].append((step, 100 * run.last_val[1], f"{run.label}validation"))
-                    status = _status(run, item)
+                    status = _status(run, item, _steps_after(runs, run))
                 frames = None  # new points: draw them
             # The plot takes its legend and colours from the series of its first frame, so no
             # frame is drawn before every run's step 0 is in.
