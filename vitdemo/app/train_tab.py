@@ -34,7 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 COMPARE_PER_CLASS = 100  # images per class in the comparison: little data is where pre-training shows
 COMPARE_VAL_SHARE = 0.3  # of those, held out: enough for a validation curve that is not all noise
-COMPARE_EPOCHS = 15
+COMPARE_EPOCHS = 8  # both runs within 90 s on a slow 2-core CPU (benchmarks/train_tab.py compare)
 SCRATCH, FINETUNED = "from scratch", "fine-tuned"
 COLORS = {"train": "#93c5fd", "validation": "#1d4ed8",
           f"{SCRATCH}: validation": "#ea580c", f"{FINETUNED}: validation": "#1d4ed8",
