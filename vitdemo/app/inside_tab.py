@@ -344,6 +344,14 @@ def picked_on_grid(model_name: str | None, event: gr.SelectData) -> tuple[int, i
 # ---------------------------------------------------------------------------------------------
 
 
+def _captioned(alt_text: str, caption: str, **kwargs: Any) -> gr.Image:
+    """A picture in a column of its own with its caption (Markdown, equations typeset) under it."""
+    with gr.Column(min_width=300):
+        shown = picture(label=alt_text, alt_text=alt_text, **kwargs)
+        gr.Markdown(caption, latex_delimiters=LATEX)
+    return shown
+
+
 def create_ui() -> dict[str, Any]:
     gr.Markdown("One image through the model, with the real numbers of one forward pass: click a patch (or use "
                 "the sliders), then move through the layers. Every picture below is a tensor the model computed.")
@@ -362,13 +370,8 @@ def create_ui() -> dict[str, Any]:
             ui["vectors"] = picture(label="The patch's vectors", alt_text="x_p, x_p E, E_pos and z_0 as colour strips")
             gr.Markdown(READ_EMBEDDING, latex_delimiters=LATEX)
     with gr.Row():
-        with gr.Column(min_width=300):
-            ui["tokens"] = picture(label="z_0", alt_text="All tokens of z_0, one row each")
-            gr.Markdown(READ_TOKENS, latex_delimiters=LATEX)
-        with gr.Column(min_width=300):
-            ui["filters"] = picture(label="E's principal components", alt_text="Principal components of E (Fig. 7, left)",
-                                   height=300)
-            gr.Markdown(READ_FILTERS, latex_delimiters=LATEX)
+        ui["tokens"] = _captioned("All tokens of z_0, one row each", READ_TOKENS)
+        ui["filters"] = _captioned("Principal components of E (Fig. 7, left)", READ_FILTERS, height=300)
 
     gr.Markdown("### 2. One layer: attention, then MLP (Eqs. 2 and 3)")
     with gr.Row():
@@ -383,12 +386,8 @@ def create_ui() -> dict[str, Any]:
         ui["over"] = picture(label="Weights over the image", alt_text="Attention weights over the image", min_width=180)
     gr.Markdown(READ_SCORES, latex_delimiters=LATEX)
     with gr.Row():
-        with gr.Column(min_width=300):
-            ui["block"] = picture(label="The token through the block", alt_text="The token's vectors through the block")
-            gr.Markdown(READ_BLOCK, latex_delimiters=LATEX)
-        with gr.Column(min_width=300):
-            ui["norms"] = picture(label="Residual stream norms", alt_text="Each token's norm after each layer")
-            gr.Markdown(READ_DEPTH, latex_delimiters=LATEX)
+        ui["block"] = _captioned("The token's vectors through the block", READ_BLOCK)
+        ui["norms"] = _captioned("Each token's norm after each layer", READ_DEPTH)
 
     gr.Markdown("### 3. The answer (Eq. 4)")
     with gr.Row():
