@@ -337,12 +337,14 @@ def test_phone_width(browser, app_url, picture, tab):
     page.set_default_timeout(60_000)
     try:
         page.goto(app_url)
-        upload(page, picture)
-        page.get_by_test_id("label-output-value").wait_for()
-        # the model's note goes under the picker, which keeps the width to show the model's name
+        page.locator("#model-note").get_by_text(re.compile(r"\w")).first.wait_for()
+        # The model's note goes under the picker, which keeps the width to show the model's name
+        # (measured before the upload, which scrolls the page to the answer).
         picker = page.get_by_label("Model").first.bounding_box()
         note = page.locator("#model-note").bounding_box()
         assert picker["width"] >= 250 and note["y"] >= picker["y"] + picker["height"], (picker, note)
+        upload(page, picture)
+        page.get_by_test_id("label-output-value").wait_for()
         names = ["Classify", "Patches", "Inside the model", "Position embeddings", "Attention", "Train", "About"]
         assert page.get_by_role("tab").all_inner_texts() == names
         assert page.get_by_role("button", name="More tabs").count() == 0
