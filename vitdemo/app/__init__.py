@@ -25,7 +25,6 @@ CSS = """
 #examples img { image-rendering: pixelated; }
 #input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .status-line { min-height: 2.6em; }
-/* an image unlike the training data: the warning is a box of its own above the (ranked) answer */
 /* wide screens: the Classify tab's settings on the left, its answer on the right */
 @media (min-width: 721px) { #classify-row { flex-direction: row-reverse; } }
 /* Phones: every tab's name in view, in rows, instead of most of them behind a "..." menu. Gradio
@@ -37,6 +36,7 @@ CSS = """
   .tab-wrapper { height: auto !important; padding-bottom: 4px; }
   [role=tablist].tab-container button { padding: 6px 9px !important; }
 }
+/* an image unlike the training data: the warning is a box of its own by the (ranked) answer */
 .ood-warning { background: #fff4e5; border-left: 5px solid #f59e0b; padding: 0.6em 0.8em; border-radius: 4px;
                color: #5b3a00; margin: 0.4em 0; }
 /* a dropdown's value too long for a narrow screen ends in an ellipsis before the arrow, not under it */
@@ -123,7 +123,7 @@ def build_demo() -> gr.Blocks:
         # Columns with a min_width wrap: on a phone the note goes under the picker instead of squeezing it
         with gr.Row(equal_height=True):
             with gr.Column(scale=2, min_width=300):
-                picker = gr.Dropdown(choices=MODELS.choices(), value=models.default_model(), label="Model", allow_custom_value=True,
+                picker = gr.Dropdown(choices=MODELS.choices(), value=first, label="Model", allow_custom_value=True,
                                      info="Used by every tab; runs you train appear here.")
             with gr.Column(scale=1, min_width=300):
                 note = gr.Markdown(elem_id="model-note")

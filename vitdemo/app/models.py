@@ -339,7 +339,7 @@ def model_card(model_name: str = SHIPPED) -> str:
     lines = [f"### {name}", ""]
     if name == PRETRAINED:
         where = ("read from this server's hub cache" if cached_timm_weights() is not None
-                 else "downloaded on first use (330 MB), then read from the local cache")
+                 else "downloaded on first use (about 350 MB), then read from the local cache")
         lines.append("The paper's ViT-B/16: timm's `vit_base_patch16_224.augreg2_in21k_ft_in1k` (pre-trained on "
                      "ImageNet-21k and fine-tuned on ImageNet-1k with the AugReg recipe of Steiner et al. 2021; 85.1% "
                      f"top-1 on ImageNet-1k in timm's results table), converted to vitdemo's layout; {where}.")
