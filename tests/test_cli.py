@@ -493,7 +493,7 @@ def test_recipe_options_override_the_recipe_and_ema_is_saved_beside_the_run(tmp_
     recipe = json.loads((tmp_path / "results.json").read_text())["recipe"]
     assert recipe["policy"] is None and recipe["mixup_alpha"] == 0 and recipe["repeats"] == 2
     assert recipe["cutmix_alpha"] == 1.0 and recipe["erasing"] == 0.25  # the rest from small-vit
-    assert "ema_test_acc: " in capsys.readouterr().out
+    assert "ema_val_acc: " in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "ema")[1]["metrics"]["epoch"] == 1
     assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "r"), "--epochs", "1", "--device", "cpu",
                  "--max-images-per-class", "40", "--randaugment", *TINY]) == 0

@@ -216,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             val = (f" | test_loss: {event.val_loss:.4f} | test_acc: {event.val_acc:.4f}"
                    if event.val_loss is not None else "")
             if event.ema_val_acc is not None:
-                val += f" | ema_test_acc: {event.ema_val_acc:.4f}"
+                val += f" | ema_val_acc: {event.ema_val_acc:.4f}"
             line = (f"Epoch: {event.epoch} | train_loss: {event.train_loss:.4f} | train_acc: {event.train_acc:.4f}"
                     f"{val} | {event.seconds:.0f}s")
             (bar.write if bar is not None else _print)(line) if _is_main() else None

@@ -276,10 +276,13 @@ def _init_linear(module: nn.Module) -> None:
 
 @torch.no_grad()
 def init_weights(model: VisionTransformer) -> None:
-    """Initialise as the reference implementations do (timm, torchvision, the JAX code):
-    truncated normal std 0.02 for dense layers and the position embeddings, LeCun normal for the
-    patch projection, a near-zero class token, unit LayerNorms. Never N(0, 1): embeddings that
-    large swamp the patch signal at the start of training."""
+    """Initialise from pieces of the reference implementations, matching none of them exactly:
+    truncated normal std 0.02 for every linear layer (the head included) and the position
+    embeddings, and N(0, 1e-6) for the class token, as timm's default scheme does; LeCun normal
+    (truncated, std sqrt(1 / fan_in)) for the patch projection, as torchvision and the JAX code do
+    (timm keeps PyTorch's default there); zero biases and unit LayerNorms. torchvision and the JAX
+    code also use Xavier for the MLP and a zero head. Never N(0, 1): embeddings that large swamp
+    the patch signal at the start of training."""
     _trunc_normal(model.pos_embed, std=0.02)
     nn.init.normal_(model.cls_token, std=1e-6)
     proj = model.patch_embed.proj
