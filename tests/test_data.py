@@ -304,7 +304,7 @@ def test_load_image_rejects_garbage_truncated_and_bombs(tmp_path, monkeypatch):
 def test_load_image_reports_a_bug_or_the_machine_as_what_it_is_not_as_a_bad_file(tmp_path, monkeypatch):
     """A MemoryError, a PermissionError or a bug in vitdemo's own code is not "not an image or
     corrupt": the first and the last surface as they are, the second says the file cannot be read."""
-    import vitdemo.data as D
+    import vitdemo.data.images as D
     from PIL import ImageFile
 
     path = save(rgb(20, 20), tmp_path / "fine.png")
@@ -339,7 +339,7 @@ def test_load_image_reports_a_bug_or_the_machine_as_what_it_is_not_as_a_bad_file
 def test_folder_loader_skips_bad_files_but_surfaces_bugs(tmp_path, monkeypatch):
     """A bug must not turn every file into a skipped one ("no readable images"); a file that
     cannot be opened is skipped with the true reason."""
-    import vitdemo.data as D
+    import vitdemo.data.folders as D
     from PIL import ImageFile
 
     make_tree(tmp_path, {"cat": 2, "dog": 2})

@@ -1,0 +1,73 @@
+"""Data for training a ViT on small data sets on a CPU.
+
+Images are decoded once, cropped to the model's input and held in memory as one uint8 tensor
+(N, 3, S, S). Augmentation then runs on whole batches (`vitdemo.augment`), so the CPU cores go to
+the model rather than to DataLoader workers decoding the same JPEGs every epoch.
+
+The modules, in the order data flow through them:
+
+- `images`: open one image safely and decode it to 8-bit RGB (`load_image`), and the words for
+  what went wrong with it;
+- `preprocessing`: `Preprocessing`, the crop and normalisation a model expects (recorded in its
+  checkpoint), and the crop itself (`model_crop`), used alike for training data and inference;
+- `folders`: class folders and zips of them; `datasets`: CIFAR-10 and the built-in shapes;
+- `batches`: stratified splits and batches;
+- `sources`: `training_data`, the one way from any source to training and validation data.
+
+Every data problem raises `DataError` with a message meant for the person who supplied the data.
+"""
+
+from .batches import iterate_batches, num_batches, per_class_subset, stratified_split
+from .core import DataError, ImageData
+from .datasets import CIFAR10_CLASSES, SHAPES, load_cifar10, synthetic_shapes
+from .folders import load_image_folder, load_zip, safe_extract_zip
+from .images import decode_rgb, is_bad_image_error, load_image, to_rgb
+from .preprocessing import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    HALF,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    channel_statistics,
+    model_crop,
+    model_crop_batch,
+    normalize,
+    preprocess,
+)
+from .sources import TrainingData, load_source, split, training_data
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "HALF",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SHAPES",
+    "DataError",
+    "ImageData",
+    "Preprocessing",
+    "TrainingData",
+    "channel_statistics",
+    "decode_rgb",
+    "is_bad_image_error",
+    "iterate_batches",
+    "load_cifar10",
+    "load_image",
+    "load_image_folder",
+    "load_source",
+    "load_zip",
+    "model_crop",
+    "model_crop_batch",
+    "normalize",
+    "num_batches",
+    "per_class_subset",
+    "preprocess",
+    "safe_extract_zip",
+    "split",
+    "stratified_split",
+    "synthetic_shapes",
+    "to_rgb",
+    "training_data",
+]

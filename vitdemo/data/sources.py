@@ -1,0 +1,138 @@
+"""The one way from a data source to training and validation data, for the CLI and the app alike.
+
+A source is "synthetic" (the built-in shapes), "cifar10" (torchvision's copy), a folder of class
+folders or a .zip of them. Every source is loaded at the model's crop (`Preprocessing`), at any
+image size, and split with a seeded stratified split. A model trained from scratch normalises
+with its training images' own statistics, measured here; a model fine-tuned from another keeps
+the crop and normalisation of its start, so training and prediction see the same pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .batches import per_class_subset, stratified_split
+from .core import DataError, ImageData
+from .datasets import load_cifar10, synthetic_shapes
+from .folders import load_image_folder, load_zip
+from .preprocessing import HALF, Preprocessing, channel_statistics
+
+SYNTHETIC, CIFAR10 = "synthetic", "cifar10"
+SYNTHETIC_PER_CLASS = 300  # the built-in shapes' default size: 1,200 images of 4 classes
+
+
+@dataclass
+class TrainingData:
+    """Training and validation images at the model's crop, and the preprocessing to train and
+    predict with (the one the checkpoint records)."""
+
+    train: ImageData
+    val: ImageData | None  # None: no images held out
+    preprocessing: Preprocessing
+    class_names: list[str]
+    skipped: list[str]  # "file: reason" for every file of the source not loaded
+
+
+def crop_for(image_size: int) -> Preprocessing:
+    """The crop of a new model: the whole image, its shorter side at `image_size`, bicubic. Its
+    normalisation is a placeholder until `training_data` measures the training images'."""
+    return Preprocessing(image_size, HALF, HALF)
+
+
+@functools.lru_cache(maxsize=2)
+def _shapes(num_classes: int, per_class: int, image_size: int, seed: int) -> ImageData:
+    # Drawn once per process and size (seconds for the app's 6,000), shared read-only.
+    return synthetic_shapes(num_classes=num_classes, per_class=per_class, image_size=image_size, seed=seed)
+
+
+def load_source(
+    source: str | os.PathLike,
+    crop: Preprocessing,
+    *,
+    data_root: str | os.PathLike = "data",
+    download: bool = False,
+    max_images_per_class: int | None = None,
+    synthetic_classes: int = 4,
+    seed: int = 0,
+    **zip_limits: Any,
+) -> ImageData:
+    """Every image of `source` (at most `max_images_per_class` of each class, drawn with `seed`)
+    as `crop` makes it: uint8 (N, 3, crop.image_size, crop.image_size).
+
+    `data_root` is where torchvision's CIFAR-10 lives (`download` fetches it, online only);
+    `zip_limits` are `safe_extract_zip`'s `max_total_bytes` and `max_files`. Raises `DataError`.
+    """
+    if str(source) == SYNTHETIC:
+        per_class = max_images_per_class or SYNTHETIC_PER_CLASS
+        # Drawn at 32 px, as the built-in data set is defined, then cropped like any source.
+        data = _shapes(synthetic_classes, per_class, 32, seed)
+        return ImageData(crop.crop_batch(data.images), data.labels, list(data.class_names))
+    if str(source) == CIFAR10:
+        data = load_cifar10(data_root, train=True, download=download)
+        if max_images_per_class:
+            data = per_class_subset(data, max_images_per_class, seed)
+        return ImageData(crop.crop_batch(data.images), data.labels, list(data.class_names))
+    path = Path(source).expanduser()
+    crop_args = {"image_size": crop.image_size, "resize": crop.resize, "interpolation": crop.interpolation,
+                 "max_images_per_class": max_images_per_class}
+    if path.suffix.lower() == ".zip":
+        return load_zip(path, **crop_args, **zip_limits)
+    if zip_limits:
+        raise TypeError(f"zip limits {sorted(zip_limits)} given for a folder: {path.name}")
+    return load_image_folder(path, **crop_args)
+
+
+def split(data: ImageData, val_size: int | float, seed: int = 0,
+          max_val_images: int | None = None) -> tuple[ImageData, ImageData | None]:
+    """Stratified, seeded train/validation split: `val_size` images if >= 1, else that fraction
+    (at least one per class, at most `max_val_images`); 0 holds none out."""
+    if not val_size:
+        return data, None
+    count = int(val_size) if val_size >= 1 else max(data.num_classes, round(val_size * len(data)))
+    if max_val_images is not None:
+        count = min(count, max_val_images)
+    train_idx, val_idx = stratified_split(data.labels, count, seed=seed)
+    return data.subset(train_idx), data.subset(val_idx)
+
+
+def training_data(
+    source: str | os.PathLike,
+    image_size: int | None = None,
+    *,
+    start: Preprocessing | None = None,
+    val_size: int | float = 0.1,
+    split_seed: int = 0,
+    max_val_images: int | None = None,
+    max_images: int | None = None,
+    **load: Any,
+) -> TrainingData:
+    """`source` split into training and validation images at a model's crop.
+
+    Fine-tuning passes the starting model's preprocessing as `start`: its crop and normalisation
+    are kept (moved to `image_size` if that differs, `Preprocessing.at_size`). A new model passes
+    only `image_size`: the whole image at that size, bicubic, normalised with the mean and std of
+    the training images (measured; the validation images play no part). `max_images` caps the
+    total, the same number from each class. `load` goes to `load_source`.
+    """
+    if start is None and image_size is None:
+        raise TypeError("training_data needs the model's image_size or its starting preprocessing")
+    crop = start if start is not None else crop_for(image_size)
+    if image_size is not None and image_size != crop.image_size:
+        crop = crop.at_size(image_size)
+    data = load_source(source, crop, **load)
+    if max_images is not None and len(data) > max_images:
+        data = per_class_subset(data, max(2, max_images // data.num_classes), load.get("seed", 0))
+    if data.num_classes < 2:
+        raise DataError(f"training needs at least two classes; {source} has {data.num_classes}")
+    train, val = split(data, val_size, split_seed, max_val_images)
+    prep = crop if start is not None else replace(crop, **dict(zip(("mean", "std"), channel_statistics(train.images))))
+    return TrainingData(train, val, prep, list(data.class_names), list(data.skipped))
+
+
+__all__ = ["CIFAR10", "SYNTHETIC", "TrainingData", "crop_for", "load_source", "split", "training_data"]
