@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vitdemo  # noqa: E402
-from vitdemo import runtime, visualize  # noqa: E402
+from vitdemo import explanations, runtime  # noqa: E402
 from vitdemo.augment import BatchAugment  # noqa: E402
 from vitdemo.data import iterate_batches, synthetic_shapes  # noqa: E402
 from vitdemo.engine import RECIPES, make_optimizer  # noqa: E402
@@ -215,7 +215,7 @@ def section_rollout(repeats: int) -> None:
     def with_rollout():
         with torch.inference_mode():
             _, attentions = model(x, return_attention=True)
-            visualize.attention_rollout(attentions)
+            explanations.attention_rollout(attentions)
 
     report("ViT-B/16, one image: forward with attention maps and rollout", interleaved(
         {"plain forward": plain, "forward + attention + rollout": with_rollout}, repeats), 1, "img/s",

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import vitdemo  # noqa: E402
 from vitdemo import faithfulness as FT  # noqa: E402
-from vitdemo import visualize as V  # noqa: E402
+from vitdemo import explanations as E  # noqa: E402
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from vitdemo.cli import load_data, split, stratified_sample  # noqa: E402
 from vitdemo.data import normalize  # noqa: E402
@@ -52,13 +52,13 @@ DEFAULT_DATA = Path("~/.cache/vitdemo/cifar10/train").expanduser()
 Method = Callable[[vitdemo.VisionTransformer, Tensor, list[Tensor], Tensor], Tensor]
 METHODS: dict[str, tuple[str, bool, Method | None]] = {
     "rollout_mean": ("Attention rollout, mean fusion", False,
-                     lambda m, x, att, c: V.attention_rollout(att, "mean", grid_size=m.config.grid_size)),
+                     lambda m, x, att, c: E.attention_rollout(att, "mean", grid_size=m.config.grid_size)),
     "rollout_max": ("Attention rollout, max fusion", False,
-                    lambda m, x, att, c: V.attention_rollout(att, "max", grid_size=m.config.grid_size)),
+                    lambda m, x, att, c: E.attention_rollout(att, "max", grid_size=m.config.grid_size)),
     "last_layer_cls": ("Last layer's class-token attention (mean over heads)", False,
                        lambda m, x, att, c: att[-1][:, :, 0, 1:].mean(1).reshape(len(x), *m.config.grid_size)),
-    "gradient_rollout": ("Gradient rollout", True, lambda m, x, att, c: V.gradient_rollout(m, x, c)),
-    "relevance": ("Relevance (Chefer et al. 2021)", True, lambda m, x, att, c: V.relevance(m, x, c)),
+    "gradient_rollout": ("Gradient rollout", True, lambda m, x, att, c: E.gradient_rollout(m, x, c)),
+    "relevance": ("Relevance (Chefer et al. 2021)", True, lambda m, x, att, c: E.relevance(m, x, c)),
     "random": ("Random order (floor)", False, None),
 }
 

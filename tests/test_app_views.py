@@ -16,6 +16,7 @@ from helpers import STAND_IN_CLASSES, free_port, stand_in_environment
 from PIL import Image
 
 import vitdemo.app
+from vitdemo import explanations as ex
 from vitdemo import faithfulness as FT
 from vitdemo import figures as FG
 from vitdemo import visualize as vz
@@ -60,16 +61,16 @@ def test_class_picker_drives_relevance_and_gradient_rollout_not_rollout(photo):
     out = explain(photo, A.RELEVANCE, STAND_IN_CLASSES[other])
     cache = out[4]
     torch.testing.assert_close(cache["maps"][(A.RELEVANCE, None, other, None)],
-                               vz.relevance(picked.model, x, class_index=other)[0])
+                               ex.relevance(picked.model, x, class_index=other)[0])
     assert f"Explaining **{STAND_IN_CLASSES[other]}**" in out[3]
     predicted = explain(photo, A.RELEVANCE, A.PREDICTED, cache)
     torch.testing.assert_close(cache["maps"][(A.RELEVANCE, None, pred, None)],
-                               vz.relevance(picked.model, x, class_index=pred)[0])
+                               ex.relevance(picked.model, x, class_index=pred)[0])
     assert not np.array_equal(pixels(out[0]), pixels(predicted[0]))  # another class, another map
 
     g = explain(photo, A.GRADIENT, STAND_IN_CLASSES[other], cache, discard_ratio=0.25)
     torch.testing.assert_close(cache["maps"][(A.GRADIENT, None, other, 0.25)],
-                               vz.gradient_rollout(picked.model, x, class_index=other, discard_ratio=0.25)[0])
+                               ex.gradient_rollout(picked.model, x, class_index=other, discard_ratio=0.25)[0])
     assert "Gradient rollout for " + STAND_IN_CLASSES[other] in g[3]
 
     rollouts = [explain(photo, A.ROLLOUT, c, cache) for c in (A.PREDICTED, *STAND_IN_CLASSES)]
@@ -81,8 +82,8 @@ def test_class_picker_drives_relevance_and_gradient_rollout_not_rollout(photo):
 
 def test_maps_are_computed_once_per_method_class_and_discard(photo, monkeypatch):
     calls = []
-    real = vz.relevance
-    monkeypatch.setattr(vz, "relevance", lambda *a, **k: calls.append(k["class_index"]) or real(*a, **k))
+    real = ex.relevance
+    monkeypatch.setattr(ex, "relevance", lambda *a, **k: calls.append(k["class_index"]) or real(*a, **k))
     cache = explain(photo, A.RELEVANCE, STAND_IN_CLASSES[0])[4]
     for opacity in (0.2, 0.9):  # display controls only
         assert explain(photo, A.RELEVANCE, STAND_IN_CLASSES[0], cache, opacity=opacity)[4] is cache
@@ -159,7 +160,7 @@ def test_head_maps_lie_over_the_image_the_model_saw(photo):
 
     out = explain(photo, opacity=1.0, layer=2)
     heads = pixels(out[1])
-    maps = vz.token_attention(out[4]["attentions"], 1, 0, grid_size=(gh, gw))[0]
+    maps = ex.token_attention(out[4]["attentions"], 1, 0, grid_size=(gh, gw))[0]
     cell = A.HEAD_TILE // gw
     for h in range(2):
         x = h * (A.HEAD_TILE + 8)
@@ -175,7 +176,7 @@ def test_views_have_colour_bars_and_keep_their_size(photo):
     tile, _ = position_tab.position_detail(models.SHIPPED, 2, 3)
     assert tile.size[1] == common.VIEW_SIZE and tile.size[0] > common.VIEW_SIZE + 50
     # The similarity map uses Fig. 7's fixed scale: its own position (similarity 1) is yellow.
-    sim = vz.position_embedding_similarity(models.MODELS.get(models.SHIPPED).model)
+    sim = ex.position_embedding_similarity(models.MODELS.get(models.SHIPPED).model)
     assert float(sim[1, 2, 1, 2]) == pytest.approx(1.0, abs=1e-5)
     cell = common.VIEW_SIZE // 8
     r, g, b = pixels(tile)[1 * cell + cell // 2, 2 * cell + cell // 2]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vitdemo
-from vitdemo import visualize as V
+from vitdemo import explanations as E
 
 GRID = (2, 3)  # a non-square grid: 8 x 12 px images, 4 px patches
 
@@ -75,7 +75,7 @@ def test_relevance_matches_the_rule_written_out_for_two_classes_and_two_images()
     model = tiny_model()
     x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(1))
     for c in (0, 1):
-        ours = V.relevance(model, x, class_index=c)
+        ours = E.relevance(model, x, class_index=c)
         assert ours.shape == (2, *GRID)
         for i in range(2):
             expected = relevance_by_hand(model, x[i:i + 1], c)
@@ -88,16 +88,16 @@ def test_relevance_matches_the_rule_written_out_for_two_classes_and_two_images()
 def test_relevance_depends_on_the_class_and_takes_one_class_per_image():
     model = tiny_model()
     x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(2))
-    for_0, for_1 = V.relevance(model, x, 0), V.relevance(model, x, 1)
+    for_0, for_1 = E.relevance(model, x, 0), E.relevance(model, x, 1)
     assert (for_0 - for_1).abs().amax(dim=(1, 2)).min() > 1e-2  # "why class 0?" is not "why class 1?"
-    mixed = V.relevance(model, x, class_index=torch.tensor([1, 0]))
+    mixed = E.relevance(model, x, class_index=torch.tensor([1, 0]))
     assert torch.allclose(mixed[0], for_1[0], atol=1e-6) and torch.allclose(mixed[1], for_0[1], atol=1e-6)
     predicted = model(x).argmax(-1)
-    assert torch.allclose(V.relevance(model, x), V.relevance(model, x, predicted), atol=1e-6)
-    assert V.relevance(model, x).amin() == 0 and V.relevance(model, x).amax() == 1
+    assert torch.allclose(E.relevance(model, x), E.relevance(model, x, predicted), atol=1e-6)
+    assert E.relevance(model, x).amin() == 0 and E.relevance(model, x).amax() == 1
 
 
-@pytest.mark.parametrize("explain", [V.relevance, V.gradient_rollout])
+@pytest.mark.parametrize("explain", [E.relevance, E.gradient_rollout])
 def test_explaining_writes_no_gradient_into_the_weights(explain):
     model = tiny_model()
     x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(3))
@@ -111,7 +111,7 @@ def test_explaining_writes_no_gradient_into_the_weights(explain):
     assert model.training  # the mode is given back
 
 
-@pytest.mark.parametrize("explain", [V.relevance, V.gradient_rollout])
+@pytest.mark.parametrize("explain", [E.relevance, E.gradient_rollout])
 def test_bad_class_index_is_named(explain):
     model = tiny_model()
     x = torch.randn(2, 3, 8, 12)
@@ -124,7 +124,7 @@ def test_bad_class_index_is_named(explain):
 def test_gradient_rollout_follows_the_chosen_class_per_image():
     model = tiny_model()
     x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(4))
-    for_0, for_1 = V.gradient_rollout(model, x, 0), V.gradient_rollout(model, x, 1)
+    for_0, for_1 = E.gradient_rollout(model, x, 0), E.gradient_rollout(model, x, 1)
     assert not torch.allclose(for_0, for_1, atol=1e-3)
-    mixed = V.gradient_rollout(model, x, class_index=torch.tensor([0, 1]))
+    mixed = E.gradient_rollout(model, x, class_index=torch.tensor([0, 1]))
     assert torch.allclose(mixed, torch.stack([for_0[0], for_1[1]]), atol=1e-6)

@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .explanations import min_max
 from .figures import font
 from .visualize import figure_to_image
 
@@ -29,8 +30,7 @@ SIGNED = "RdBu_r"  # vectors: blue negative, white 0, red positive, each strip o
 
 
 def _colour(values: np.ndarray, cmap: str, lo: float, hi: float) -> np.ndarray:
-    scaled = ((values - lo) / max(hi - lo, 1e-12)).clip(0, 1)
-    return (colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+    return (colormaps[cmap](min_max(values, lo=lo, hi=hi))[..., :3] * 255).astype(np.uint8)
 
 
 def _resized(pixels: np.ndarray, width: int, height: int) -> Image.Image:

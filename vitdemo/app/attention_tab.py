@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 import torch
 
+from .. import explanations as ex
 from .. import faithfulness as FT
 from .. import figures as FG
 from .. import visualize as vz
@@ -74,13 +75,13 @@ def _explanation(picked: Entry, cache: dict[str, Any], method: str, fusion: str,
            None if method == RELEVANCE else round(discard, 4))
     if key not in cache["maps"]:
         if method == ROLLOUT:
-            cache["maps"][key] = vz.attention_rollout(cache["attentions"], head_fusion=fusion, discard_ratio=discard,
+            cache["maps"][key] = ex.attention_rollout(cache["attentions"], head_fusion=fusion, discard_ratio=discard,
                                                       grid_size=grid)[0]
         elif method == GRADIENT:  # the weights stay gradient-free: the graph is built through the input
-            cache["maps"][key] = vz.gradient_rollout(picked.model, cache["x"], class_index=target,
+            cache["maps"][key] = ex.gradient_rollout(picked.model, cache["x"], class_index=target,
                                                      discard_ratio=discard)[0]
         else:
-            cache["maps"][key] = vz.relevance(picked.model, cache["x"], class_index=target)[0]
+            cache["maps"][key] = ex.relevance(picked.model, cache["x"], class_index=target)[0]
     return cache["maps"][key]
 
 
@@ -92,8 +93,7 @@ def _head_maps(rgb: Any, maps: torch.Tensor, picked: Entry, alpha: float, query_
     view = view.resize((HEAD_TILE, HEAD_TILE * view.size[1] // view.size[0]))
     tiles = []
     for m in maps:
-        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-        tile = vz.overlay(view, m, alpha=alpha)
+        tile = vz.overlay(view, ex.min_max(m), alpha=alpha)
         tiles.append(FG.outline_cell(tile, query_cell, config.grid_size) if query_cell else tile)
     heads = len(tiles)
     columns = heads if heads <= 4 else 3 if heads <= 6 else 4 if heads <= 12 else 6
@@ -178,13 +178,13 @@ def explain(
         q, cell, who = 1 + r * gw + c, (r, c), f"the patch at row {r + 1}, column {c + 1} (outlined)"
     else:
         q, cell, who = 0, None, "the class token"
-    maps = vz.token_attention(cache["attentions"], layer_index, q, grid_size=(gh, gw))[0]
+    maps = ex.token_attention(cache["attentions"], layer_index, q, grid_size=(gh, gw))[0]
     heads = _head_maps(rgb, maps, picked, alpha, cell)
     heads_caption = (f"What {who} attends to in layer {layer_index + 1} of {depth}, one map per head over the image "
                      f"the model saw: bright is where that head looks most (each map scaled to its own range: compare "
                      f"where heads look, not how strongly).")
 
-    distances = vz.mean_attention_distance(cache["attentions"], config.patch_size, grid_size=(gh, gw))
+    distances = ex.mean_attention_distance(cache["attentions"], config.patch_size, grid_size=(gh, gw))
     fig = vz.plot_mean_attention_distance(distances, image_size=config.image_size[0])
     fig.axes[0].set_title("Mean attention distance per head, this image", fontsize=10)
     distance_plot = vz.figure_to_image(fig, dpi=90)

@@ -20,6 +20,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from .. import explanations as ex
 from .. import figures as FG
 from .. import visualize as vz
 from .. import walkthrough as WT
@@ -123,7 +124,7 @@ def _top(values: torch.Tensor, k: int, gw: int) -> str:
 
 def _filters(picked: Entry) -> Image.Image:
     if "filters" not in picked.views:
-        fig = vz.plot_patch_embedding_components(vz.patch_embedding_components(picked.model, 28))
+        fig = vz.plot_patch_embedding_components(ex.patch_embedding_components(picked.model, 28))
         picked.views["filters"] = vz.figure_to_image(fig, dpi=80)
     return picked.views["filters"]
 

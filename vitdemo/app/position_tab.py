@@ -9,6 +9,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from .. import explanations as ex
 from .. import figures as FG
 from .. import visualize as vz
 from . import models
@@ -24,7 +25,7 @@ READ_FIGURE = ("Tile (r, c) shows how similar position (r, c)'s learned embeddin
 
 def _similarity(picked: Entry) -> torch.Tensor:
     if "similarity" not in picked.views:
-        picked.views["similarity"] = vz.position_embedding_similarity(picked.model)
+        picked.views["similarity"] = ex.position_embedding_similarity(picked.model)
     return picked.views["similarity"]
 
 
