@@ -12,7 +12,9 @@ from timm.data import mixup as timm_mixup
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitdemo.augment import ERASING_RATIO, ERASING_SCALE, BatchAugment, MixDraw, MixUpCutMix, soft_cross_entropy
+from vitdemo.augment import (ERASING_RATIO, ERASING_SCALE, AugmentPolicy, BatchAugment, MixDraw, MixUpCutMix,
+                             RandomCropFlip, RandomErasing, soft_cross_entropy)
+from vitdemo.augment import _torchvision as tv
 from vitdemo.data import CIFAR_MEAN, CIFAR_STD, normalize
 
 
@@ -31,10 +33,7 @@ def apply_each(transform, x: torch.Tensor, rounds) -> torch.Tensor:
     for k, image in enumerate(x):
         for draws in rounds:
             if draws[k] is not None:
-                name, magnitude = draws[k]
-                image = transform._apply_image_or_video_transform(image, name, magnitude,
-                                                                  interpolation=transform.interpolation,
-                                                                  fill=transform._fill)
+                image = tv.apply_operation(transform, image, *draws[k])
         out.append(image)
     return torch.stack(out)
 
@@ -126,7 +125,7 @@ def test_randaugment_gives_each_image_what_torchvision_gives_it_for_its_draws():
     ops = {name for draws in rounds for name, _ in draws}
     assert len(ops) >= 10  # drawn per image: 96 draws cover most of the 14 operations
     assert any(m < 0 for draws in rounds for _, m in draws)  # signed operations take both signs
-    out = aug._apply_policy(x, torch.Generator().manual_seed(3))
+    out = aug.augment_policy(x, torch.Generator().manual_seed(3))
     assert torch.equal(out, apply_each(aug.policy_transform, x, rounds))
     assert torch.equal(aug(x, torch.Generator().manual_seed(3)), normalize(out, CIFAR_MEAN, CIFAR_STD))
 
@@ -139,9 +138,9 @@ def test_randaugment_with_a_cpu_generator_draws_what_it_always_drew():
     g = torch.Generator().manual_seed(11)
     out = aug(x, g)
     ref = torch.Generator().manual_seed(11)
-    cropped = aug._crop_flip(x, 16, 4, ref)
+    cropped = aug.crop_flip(x, ref)
     ra = v2.RandAugment()
-    space = list(ra._AUGMENTATION_SPACE.items())
+    space = list(tv.augmentation_space(ra).items())
     rounds = []
     for _ in range(2):
         ops = torch.randint(14, (24,), generator=ref).tolist()
@@ -161,8 +160,8 @@ def test_policy_draws_come_from_the_host_generator_when_given_one():
     x = batch(32, s=16)
     aug = BatchAugment(16, CIFAR_MEAN, CIFAR_STD, policy="autoaugment")
     out = aug(x, torch.Generator().manual_seed(0), host_generator=torch.Generator().manual_seed(9))
-    cropped = aug._crop_flip(x, 16, 4, torch.Generator().manual_seed(0))
-    expected = aug._apply_policy(cropped, torch.Generator().manual_seed(9))
+    cropped = aug.crop_flip(x, torch.Generator().manual_seed(0))
+    expected = aug.augment_policy(cropped, torch.Generator().manual_seed(9))
     assert torch.equal(out, normalize(expected, CIFAR_MEAN, CIFAR_STD))
 
 
@@ -175,7 +174,7 @@ def test_autoaugment_gives_each_image_what_torchvision_gives_it_for_its_draws():
     assert len(rounds) == 2 and all(len(draws) == 64 for draws in rounds)
     assert any(d is None for draws in rounds for d in draws)  # operations are skipped with 1 - p
     assert any(d is not None and d[1] < 0 for draws in rounds for d in draws)  # both signs
-    out = aug._apply_policy(x, torch.Generator().manual_seed(4))
+    out = aug.augment_policy(x, torch.Generator().manual_seed(4))
     assert torch.equal(out, apply_each(aug.policy_transform, x, rounds))
     assert torch.equal(aug(x, torch.Generator().manual_seed(4)), normalize(out, CIFAR_MEAN, CIFAR_STD))
 
@@ -187,10 +186,10 @@ def test_autoaugment_draws_follow_the_cifar10_policy():
     # The sub-policies, from torchvision itself: per slot (operation, |magnitude|, signed, p).
     aa = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     table = []
-    for subpolicy in aa._policies:
+    for subpolicy in tv.subpolicies(aa):
         slots = []
         for name, p, idx in subpolicy:
-            fn, signed = aa._AUGMENTATION_SPACE[name]
+            fn, signed = tv.augmentation_space(aa)[name]
             magnitudes = fn(10, size, size)
             slots.append((name, 0.0 if magnitudes is None else float(magnitudes[idx]), signed, p))
         table.append(slots)
@@ -226,7 +225,7 @@ def test_autoaugment_draws_follow_the_cifar10_policy():
         for key, share in expected.items():
             observed = counts.get(key, 0) / n
             assert abs(observed - share) <= 6 * math.sqrt(share * (1 - share) / n) + 1e-9, (r, key, observed, share)
-    signed = [d[1] < 0 for draws in rounds for d in draws if d is not None and aa._AUGMENTATION_SPACE[d[0]][1]]
+    signed = [d[1] < 0 for draws in rounds for d in draws if d is not None and tv.augmentation_space(aa)[d[0]][1]]
     assert abs(np.mean(signed) - 0.5) < 0.03
 
 
@@ -332,7 +331,38 @@ def test_erasing_skips_images_where_no_box_fits():
     apply, _, _, h, w = aug.erasing_draws(16, 1, 64, torch.Generator().manual_seed(0))
     assert not apply.any() and not h.any() and not w.any()
     plain = normalize(batch(16, s=64)[:, :, :1], CIFAR_MEAN, CIFAR_STD)
-    assert torch.equal(aug._erase(plain, torch.Generator().manual_seed(0)), plain)
+    assert torch.equal(aug.random_erasing(plain, torch.Generator().manual_seed(0)), plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchAugment: the pieces in order
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [None, "randaugment", "autoaugment"])
+def test_batch_augment_is_its_pieces_in_deits_order(policy):
+    x = batch(32, s=20)
+    aug = BatchAugment(16, CIFAR_MEAN, CIFAR_STD, crop_padding=3, policy=policy, erasing=0.5, padding_mode="reflect")
+    assert (aug.crop_padding, aug.flip, aug.padding_mode, aug.policy, aug.erasing) == (3, True, "reflect", policy, 0.5)
+    g, host = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    out = aug(x, g, host_generator=host)
+    ref, ref_host = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    expected = RandomCropFlip(16, 3, flip=True, padding_mode="reflect")(x, ref)
+    if policy is not None:
+        expected = AugmentPolicy(policy)(expected, ref_host)
+    expected = RandomErasing(0.5)(normalize(expected, CIFAR_MEAN, CIFAR_STD), ref)
+    assert torch.equal(out, expected)
+    assert torch.equal(g.get_state(), ref.get_state()) and torch.equal(host.get_state(), ref_host.get_state())
+
+
+def test_pieces_with_nothing_to_do_return_the_batch_and_draw_nothing():
+    # BatchAugment relies on this: without crop, flip or erasing, the stream holds only the policy's draws.
+    x, g = batch(), torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert RandomCropFlip(8, padding=None, flip=False)(x, g) is x
+    plain = normalize(x, CIFAR_MEAN, CIFAR_STD)
+    assert RandomErasing(0.0)(plain, g) is plain
+    assert torch.equal(g.get_state(), state)
 
 
 # ---------------------------------------------------------------------------------------------
