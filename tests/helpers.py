@@ -77,3 +77,21 @@ def stand_in_environment(root):
             yield stand_in_app(mp, root)
     finally:
         torch.set_num_threads(threads)
+
+
+def reference_probabilities(checkpoint, image) -> dict:
+    """What a correct app answers for `image` with the model saved at `checkpoint`: the softmax of
+    that model's logits (loaded afresh from the file, not from the app's cache) on the checkpoint's
+    own preprocessing (`vitdemo.data.preprocess` with its image_size, mean, std, resize and
+    interpolation), as {class name: probability}."""
+    import torch
+
+    import vitdemo
+    from vitdemo.data import preprocess
+
+    model, meta = vitdemo.load_checkpoint(checkpoint)
+    x = preprocess(image, meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
+                   interpolation=meta.get("interpolation", "bicubic"))
+    with torch.no_grad():
+        probs = model.eval()(x).double().softmax(-1)[0]
+    return dict(zip(meta["class_names"], probs.tolist()))

@@ -52,25 +52,71 @@ def pixels(image: Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_class_picker_drives_relevance_and_gradient_rollout_not_rollout(photo):
-    picked = models.MODELS.get(models.SHIPPED)
-    x = models.model_input(common.to_rgb(photo), picked.meta)
-    pred = int(picked.model(x).argmax())
+def attention_and_gradients(model, x, c):
+    """Every layer's attention probabilities (heads, T, T) for one image and the gradient of
+    class c's logit (not its softmax) with respect to each, in float64 numpy."""
+    x = x.detach().clone().requires_grad_(True)  # a graph through the input: the weights need none
+    with torch.enable_grad():
+        logits, attentions = model.eval()(x, return_attention=True)
+        grads = torch.autograd.grad(logits[0, c], attentions)
+    return [a[0].detach().double().numpy() for a in attentions], [g[0].double().numpy() for g in grads]
+
+
+def scaled(m):
+    return (m - m.min()) / (m.max() - m.min())
+
+
+def relevance_by_hand(model, x, c, grid):
+    """Chefer et al.'s rule: R = I; per layer R += mean_heads((G * A)^+) @ R; the class token's
+    row without itself, min-max scaled."""
+    attentions, grads = attention_and_gradients(model, x, c)
+    R = np.eye(attentions[0].shape[-1])
+    for a, g in zip(attentions, grads):
+        R = R + np.maximum(g * a, 0).mean(0) @ R
+    return scaled(R[0, 1:].reshape(grid))
+
+
+def gradient_rollout_by_hand(model, x, c, grid, discard):
+    """Rollout of mean_heads(A * G^+) per layer: the weakest `discard` share of entries zeroed
+    (never the class token's own, entry [0, 0]), the identity added, rows renormalised, the layers
+    multiplied first to last; the class token's row without itself, min-max scaled."""
+    attentions, grads = attention_and_gradients(model, x, c)
+    T = attentions[0].shape[-1]
+    result = np.eye(T)
+    for a, g in zip(attentions, grads):
+        fused = (a * np.maximum(g, 0)).mean(0).flatten()
+        order = np.argsort(np.where(np.arange(T * T) == 0, np.inf, fused), kind="stable")
+        fused[order[:int(T * T * discard)]] = 0.0
+        fused = fused.reshape(T, T) + np.eye(T)
+        result = (fused / fused.sum(1, keepdims=True)) @ result
+    return scaled(result[0, 1:].reshape(grid))
+
+
+def test_class_picker_drives_relevance_and_gradient_rollout_not_rollout(photo, app_env):
+    # The expected maps are computed here, from the checkpoint's file: its model, its preprocessing
+    # (vitdemo.data.preprocess with its metadata) and each method's rule written out.
+    model, meta = vitdemo.load_checkpoint(app_env)
+    x = vitdemo.data.preprocess(photo, meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
+                                interpolation=meta.get("interpolation", "bicubic"))
+    grid = model.config.grid_size
+    with torch.no_grad():
+        pred = int(model.eval()(x).argmax())
     other = (pred + 1) % len(STAND_IN_CLASSES)
+    picked = models.MODELS.get(models.SHIPPED)
+
+    def assert_map(key, expected):
+        np.testing.assert_allclose(cache["maps"][key].numpy(), expected, atol=1e-5, err_msg=str(key))
 
     out = explain(photo, A.RELEVANCE, STAND_IN_CLASSES[other])
     cache = out[4]
-    torch.testing.assert_close(cache["maps"][(A.RELEVANCE, None, other, None)],
-                               ex.relevance(picked.model, x, class_index=other)[0])
+    assert_map((A.RELEVANCE, None, other, None), relevance_by_hand(model, x, other, grid))
     assert f"Explaining **{STAND_IN_CLASSES[other]}**" in out[3]
     predicted = explain(photo, A.RELEVANCE, A.PREDICTED, cache)
-    torch.testing.assert_close(cache["maps"][(A.RELEVANCE, None, pred, None)],
-                               ex.relevance(picked.model, x, class_index=pred)[0])
+    assert_map((A.RELEVANCE, None, pred, None), relevance_by_hand(model, x, pred, grid))
     assert not np.array_equal(pixels(out[0]), pixels(predicted[0]))  # another class, another map
 
     g = explain(photo, A.GRADIENT, STAND_IN_CLASSES[other], cache, discard_ratio=0.25)
-    torch.testing.assert_close(cache["maps"][(A.GRADIENT, None, other, 0.25)],
-                               ex.gradient_rollout(picked.model, x, class_index=other, discard_ratio=0.25)[0])
+    assert_map((A.GRADIENT, None, other, 0.25), gradient_rollout_by_hand(model, x, other, grid, 0.25))
     assert "Gradient rollout for " + STAND_IN_CLASSES[other] in g[3]
 
     rollouts = [explain(photo, A.ROLLOUT, c, cache) for c in (A.PREDICTED, *STAND_IN_CLASSES)]

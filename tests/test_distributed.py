@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) train with DistributedDataParallel and end with identical weights."""
+"""Two CPU processes (gloo) train with DistributedDataParallel and end with identical weights, the
+weights one process reaches with the same global batch on the same data."""
 
 import os
 import subprocess
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 from helpers import free_port
 import torch
+import torch.distributed as dist
 
 import vitdemo
-from vitdemo.checkpoint import load_checkpoint
+from vitdemo import engine
+from vitdemo.checkpoint import load_checkpoint, preprocessing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,3 +55,83 @@ def test_torchrun_two_cpu_processes_end_identical(tmp_path):
     model, meta = load_checkpoint(out)  # written once, by rank 0
     assert torch.equal(model.state_dict()["head.weight"], a["head.weight"])
     assert result.stdout.count("Epoch: 1 |") == 1  # rank-0 logging only
+
+
+# The DDP run against one process. Each of 2 ranks takes every 2nd image of the same shuffled order
+# in batches of LOCAL_BATCH, so together they see exactly the single run's batches of
+# 2 * LOCAL_BATCH; DDP averages the gradients, so every step is the single run's step, up to
+# float rounding (sums in another order). Two things would make the runs differ for reasons
+# other than DDP, and are switched off:
+# - augmentation: crops and flips are drawn from a generator seeded by (seed, epoch) alike on
+#   every rank, so a rank's i-th image gets the draw the other rank's i-th image gets, while the
+#   single run draws for a batch twice as long; the same images would get other crops and flips;
+# - dropout and stochastic depth (0 in this model), whose masks come from the global seed.
+# And the step runs in fp32: "auto" is bf16 on a CPU with AMX, whose rounding (about 1e-3 of the
+# weights' change here) would hide a small difference in what the runs compute.
+# SGD rather than AdamW, and no gradient clipping: Adam's update hardly depends on the gradient's
+# scale, and clipping caps it, so a run that summed the ranks' gradients instead of averaging
+# them could pass; with plain SGD and momentum it moves twice as far.
+LOCAL_BATCH = 8
+DDP_RECIPE = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.05, "epochs": 2, "warmup": 0.25,
+              "label_smoothing": 0.1, "grad_clip": 0.0, "crop_padding": None, "flip": False}
+
+
+def _tiny_run(batch_size):
+    """(model, data, recipe, preprocessing) of the comparison, the same in every process."""
+    data = vitdemo.data.synthetic_shapes(num_classes=4, per_class=16, image_size=32, seed=0)  # 64 images
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=1, embed_dim=32, num_heads=2, mlp_dim=64)
+    recipe = engine.Recipe(**DDP_RECIPE, batch_size=batch_size)
+    return model, data, recipe, preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+
+
+def _train(batch_size):
+    model, data, recipe, prep = _tiny_run(batch_size)
+    with torch.random.fork_rng(devices=[]):  # the engine seeds the global generator per epoch
+        events = list(engine.train(model, data, None, recipe, preprocess=prep, seed=3, device="cpu", log_every=1,
+                                   precision="fp32"))
+    return model.state_dict(), [e for e in events if isinstance(e, engine.StepEvent)]
+
+
+def _ddp_rank(rank, world, port, out):
+    """One rank of the DDP run (torch.multiprocessing.spawn): train, then save the weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        weights, steps = _train(LOCAL_BATCH)
+        torch.save({"weights": weights, "steps": [e.step for e in steps]}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single, single_steps = _train(2 * LOCAL_BATCH)
+        local_only, _ = _train(LOCAL_BATCH)  # one process with a rank's batch: not the same training
+    finally:
+        torch.set_num_threads(threads)
+    initial = _tiny_run(LOCAL_BATCH)[0].state_dict()
+
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [e.step for e in single_steps] == list(range(1, 9))  # 4 a epoch
+    for key in single:
+        def named(message, key=key):
+            return f"{key}: {message}"
+
+        torch.testing.assert_close(ranks[0]["weights"][key], ranks[1]["weights"][key], atol=0, rtol=0, msg=named)
+        torch.testing.assert_close(ranks[0]["weights"][key], single[key], atol=1e-6, rtol=0, msg=named)
+    # The tolerance tells trainings apart: the weights moved far more than it, and training on the
+    # local batch alone (what DDP without averaging would do per rank) ends far from the DDP run.
+    def farthest(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in single)
+
+    assert farthest(single, initial) > 1e-2
+    assert farthest(local_only, single) > 1e-3

@@ -19,7 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import pytest
 import torch
-from helpers import STAND_IN_CLASSES, free_port, rss_bytes, stand_in_app
+from helpers import free_port, reference_probabilities, rss_bytes, stand_in_app
+from PIL import Image
 
 import vitdemo
 import vitdemo.app
@@ -92,7 +93,8 @@ def test_classify_under_load_while_training(app, tmp_path):
 
     wall_start = time.perf_counter()
     rss_start = rss_bytes()
-    images = [handle_file(str(p)) for p in examples.draw_examples(tmp_path / "examples")]  # 128 px PNGs, one 16-bit
+    files = examples.draw_examples(tmp_path / "examples")  # 128 px PNGs, one 16-bit
+    images = [handle_file(str(p)) for p in files]
 
     # A training run, in the background through Gradio's queue, as the Start button does.
     trainer = _client(app, tmp_path)
@@ -108,19 +110,20 @@ def test_classify_under_load_while_training(app, tmp_path):
 
     clients = [_client(app, tmp_path) for _ in range(CLIENTS)]
     lock = threading.Lock()
-    results: list[tuple[float, object]] = []  # (seconds, result or exception)
+    results: list[tuple[float, object, int]] = []  # (seconds, result or exception, which image)
 
     def work(index: int, count: int, record: bool) -> None:
         client = clients[index]
         for i in range(count):
             start = time.perf_counter()
+            which = (index + i) % len(images)
             try:
-                outcome = client.predict(images[(index + i) % len(images)], api_name="/classify")
+                outcome = client.predict(images[which], api_name="/classify")
             except Exception as err:  # noqa: BLE001 - recorded and reported by the assertions below
                 outcome = err
             if record:
                 with lock:
-                    results.append((time.perf_counter() - start, outcome))
+                    results.append((time.perf_counter() - start, outcome, which))
 
     def load(count: int, record: bool) -> float:
         start = time.perf_counter()
@@ -152,13 +155,16 @@ def test_classify_under_load_while_training(app, tmp_path):
     assert job.status().code in (Status.PROCESSING, Status.ITERATING, Status.PROGRESS)
     assert steps_after > steps_before
 
-    # Every request answered, with a label and a probability distribution.
-    failures = [outcome for _, outcome in results if not isinstance(outcome, dict)]
+    # Every request answered, with the model's own answer for its image: the softmax of the
+    # stand-in's logits on the checkpoint's preprocessing, each probability under its class.
+    failures = [outcome for _, outcome, _ in results if not isinstance(outcome, dict)]
     assert failures == [], failures[:3]
     assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
-    for _, outcome in results:
-        assert outcome["label"] in STAND_IN_CLASSES
-        assert sum(c["confidence"] for c in outcome["confidences"]) == pytest.approx(1.0, abs=1e-4)
+    expected = [reference_probabilities(models.SHIPPED_CHECKPOINT, Image.open(p)) for p in files]
+    for _, outcome, which in results:
+        probs = {c["label"]: c["confidence"] for c in outcome["confidences"]}
+        assert probs == pytest.approx(expected[which], abs=1e-5), files[which].name
+        assert outcome["label"] == max(expected[which], key=expected[which].get)
 
     # Stop, as the Stop button does: the run ends between two steps and becomes a model.
     before = set(models.model_choices())
@@ -179,7 +185,7 @@ def test_classify_under_load_while_training(app, tmp_path):
     assert outcome["label"] in meta["class_names"] or outcome["label"] == "⚠️ Probably none of its 4 classes"
     assert {c["label"] for c in outcome["confidences"]} == set(meta["class_names"])
 
-    latencies = sorted(seconds for seconds, _ in results)
+    latencies = sorted(seconds for seconds, _, _ in results)
     growth = max(samples + [rss_end]) - rss_warm
     mb = 2**20
     figures = {

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,6 +290,71 @@ def test_resample_matches_timm_upsampling():
     theirs = resample_abs_pos_embed(pos, new_size=(24, 24), num_prefix_tokens=1, interpolation="bicubic", antialias=True)
     assert torch.allclose(ours, theirs, atol=1e-5)
     del timm
+
+
+def resampled_by_pil(pos, old_grid, new_grid):
+    """Position embeddings (1, 1 + h*w, D) resampled independently of torch: each channel's grid
+    (tokens in reading order, row by row) resized as a float image by Pillow's bicubic filter,
+    which is what torch's bicubic with antialias=True reproduces; the class token kept."""
+    from PIL import Image
+
+    (h, w), (nh, nw), dim = old_grid, new_grid, pos.shape[-1]
+    grid = pos[0, 1:].reshape(h, w, dim).double().numpy()
+    channels = [np.asarray(Image.fromarray(grid[:, :, d].astype(np.float32), mode="F")
+                           .resize((nw, nh), Image.Resampling.BICUBIC)) for d in range(dim)]  # PIL: (width, height)
+    patches = torch.from_numpy(np.stack(channels, -1).reshape(1, nh * nw, dim))
+    return torch.cat([pos[:, :1], patches.to(pos.dtype)], dim=1)
+
+
+@pytest.mark.parametrize("old_grid", [(14, 14), (6, 10), (10, 6)])
+def test_resample_to_a_non_square_grid_matches_an_independent_resampling(old_grid):
+    """14x14 (and non-square grids) -> 12x20: fewer rows, more columns. Each token lands where
+    Pillow's resize of the grid puts it, and the class token is kept as it was."""
+    pos = torch.randn(1, 1 + old_grid[0] * old_grid[1], 6, generator=torch.Generator().manual_seed(0))
+    new = resample_pos_embed(pos, (12, 20), None if old_grid == (14, 14) else old_grid)
+    assert new.shape == (1, 1 + 12 * 20, 6)
+    assert torch.equal(new[:, 0], pos[:, 0])
+    torch.testing.assert_close(new, resampled_by_pil(pos, old_grid, (12, 20)), atol=2e-5, rtol=0)
+    # By hand in torch too: the grid interpolated as one (D, h, w) image.
+    grid = pos[0, 1:].reshape(*old_grid, 6).permute(2, 0, 1)[None]
+    by_hand = F.interpolate(grid, size=(12, 20), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(new[0, 1:], by_hand[0].permute(1, 2, 0).reshape(240, 6), atol=1e-6, rtol=0)
+
+
+def test_resampled_rows_and_columns_keep_their_direction():
+    """A row ramp stays a function of the row alone and a column ramp of the column alone, both
+    increasing: a grid resampled transposed (12x20 taken as 20x12) cannot pass."""
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(10.0), indexing="ij")
+    pos = torch.zeros(1, 1 + 60, 2)
+    pos[0, 1:, 0], pos[0, 1:, 1] = rows.flatten(), cols.flatten()
+    new = resample_pos_embed(pos, (12, 20), (6, 10))[0, 1:].reshape(12, 20, 2)
+    row_ramp, col_ramp = new[..., 0], new[..., 1]
+    assert torch.allclose(row_ramp, row_ramp[:, :1].expand(12, 20), atol=1e-5)  # constant along a row
+    assert torch.allclose(col_ramp, col_ramp[:1].expand(12, 20), atol=1e-5)  # constant down a column
+    assert (row_ramp[1:, 0] >= row_ramp[:-1, 0]).all() and row_ramp[-1, 0] - row_ramp[0, 0] > 4
+    assert (col_ramp[0, 1:] >= col_ramp[0, :-1]).all() and col_ramp[0, -1] - col_ramp[0, 0] > 8
+
+
+def test_a_model_set_to_a_non_square_image_size_resamples_its_grid():
+    """32 px (8x8 patches of 4) -> 48x80 px (12x20): the position embeddings are the 8x8 grid
+    resampled, the model reads 48x80 images, and a timm-style checkpoint loads into a non-square model."""
+    torch.manual_seed(0)
+    model = vitdemo.create_model("vit_cifar_4", num_classes=3, depth=1, embed_dim=16, num_heads=2, mlp_dim=32).eval()
+    before = model.pos_embed.detach().clone()
+    model.set_image_size((48, 80))
+    assert model.config.image_size == (48, 80) and model.config.grid_size == (12, 20)
+    torch.testing.assert_close(model.pos_embed.detach(), resampled_by_pil(before, (8, 8), (12, 20)), atol=2e-5, rtol=0)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 48, 80)).shape == (2, 3)
+    with pytest.raises(ValueError, match="set_image_size"):
+        model(torch.randn(1, 3, 80, 48))  # the grid is 12 rows of 20, not 20 of 12
+
+    source = vitdemo.create_model("vit_ti_16", depth=1)  # 224 px: 14x14
+    target = vitdemo.create_model("vit_ti_16", depth=1, image_size=(192, 320), num_classes=2)  # 12x20
+    notes = vitdemo.load_weights(target, source.state_dict())
+    assert any("resampled from 14x14 to 12x20" in n for n in notes)
+    expected = resampled_by_pil(source.pos_embed.detach(), (14, 14), (12, 20))
+    torch.testing.assert_close(target.pos_embed.detach(), expected, atol=2e-5, rtol=0)
 
 
 def test_reset_classifier_for_fine_tuning():
