@@ -8,8 +8,9 @@ Sections (all measured in this one run, so read the ratios):
   step  one training step of the same architecture (forward, loss, backward, clipping, AdamW;
         in each --precision, "auto" being the engine's choice: bf16 autocast on a GPU and on a
         CPU with AMX) on a ready batch: vitdemo eager (on a CPU where the engine computes linear
-        layers with oneDNN, also with PyTorch's own kernels: vitdemo.cpu_linear), vitdemo
-        compiled in each --compile mode, timm eager; images/s and the ratios
+        layers with oneDNN, also with PyTorch's own kernels: vitdemo.cpu_linear; elsewhere, with
+        --onednn, also with oneDNN's), vitdemo compiled in each --compile mode, timm eager;
+        images/s and the ratios
   run   the engine's whole loop (`vitdemo.engine.train`: batching, augmentation, the step, the
         epoch's validation and its checkpoint files) on random uint8 images, with and without
         the fast path (`--compile`); images/s of the second of three epochs (the first holds the
@@ -132,6 +133,13 @@ def section_step(args, device: torch.device) -> None:
                 torch.manual_seed(0)
                 fns["vitdemo eager, PyTorch's linear"] = step_fn(vitdemo.create_model(args.preset, num_classes=10),
                                                                  args.batch, device, None, precision=precision)
+            elif args.onednn and mode is None and device.type == "cpu" and precision == "fp32":
+                from vitdemo.cpu_linear import LinearKernels  # where the engine keeps PyTorch's: try oneDNN's
+
+                torch.manual_seed(0)
+                model = vitdemo.create_model(args.preset, num_classes=10)
+                fns["vitdemo eager, oneDNN's linear"] = step_fn(model, args.batch, device, None, LinearKernels(model),
+                                                                precision)
         try:
             torch.manual_seed(0)
             fns["timm eager" + tag] = step_fn(timm_twin(config), args.batch, device, None, precision=precision)
@@ -155,6 +163,9 @@ def section_step(args, device: torch.device) -> None:
     print_ratios({k: v for k, v in rates.items() if k in ("vitdemo eager", "vitdemo eager fp32",
                                                           "vitdemo eager, PyTorch's linear")},
                  "vitdemo eager, PyTorch's linear")
+    print_ratios({k: v for k, v in rates.items() if k in ("vitdemo eager", "vitdemo eager fp32",
+                                                          "vitdemo eager, oneDNN's linear")},
+                 "vitdemo eager fp32" if "vitdemo eager fp32" in rates else "vitdemo eager")
     if len(precisions) > 1:
         print_ratios({k: v for k, v in rates.items() if k.startswith("vitdemo eager ")}, "vitdemo eager fp32")
 
@@ -201,6 +212,9 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
                         help="training arithmetic(s) to measure; 'step' measures each, 'run' the first "
                              "(default auto: the engine's choice on this device, vitdemo.engine.resolve_precision)")
+    parser.add_argument("--onednn", action="store_true",
+                        help="on a CPU where the engine keeps PyTorch's linear kernels (Intel's), also time "
+                             "the fp32 eager step with oneDNN's (vitdemo.cpu_linear.LinearKernels)")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement (default 50 GPU, 3 CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per implementation (default 5)")
     parser.add_argument("--images", type=int, default=None, help="training images per epoch in 'run' "

@@ -68,6 +68,10 @@ def report(title: str, points: dict[str, list[tuple[float, int, float]]], status
 
 
 def run_default() -> None:
+    d = train_tab.DEFAULTS[training.SRC_SYNTHETIC]
+    model = training.new_model(training.SHAPE_CLASSES, d["patch"], d["depth"], d["width"])
+    print(f"\nthe default model: patch {d['patch']}, {d['depth']} layers of width {d['width']}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
     t0 = time.perf_counter()
     points, status = curve(train_tab.train_run(), t0)
     report("Default run (every input at its default: built-in shapes)", points, status, (90.0, 45.0))

@@ -2,8 +2,9 @@
 
 PyTorch's official wheels compute `nn.Linear` on the CPU with Intel's MKL, forward and both
 gradients. On an AMD CPU, MKL does not pick its fastest kernels: on this project's 2-core AMD
-EPYC, ViT's linear-layer shapes took MKL about 2.3x the time oneDNN (the library PyTorch ships
-for its CPU convolutions and uses for `vitdemo.runtime`'s packed inference) took, and a whole
+EPYC, oneDNN (the library PyTorch ships for its CPU convolutions and uses for `vitdemo.runtime`'s
+packed inference) ran more than twice as fast as MKL on a 2048 x 2048 product and on ViT-B/16's
+batch-16 linear-layer shapes (`python benchmarks/bench.py inference --repeats 1`), and a whole
 `vit_cifar_9` training step ran 1.44x faster with oneDNN's products (`python
 benchmarks/engine_speed.py step --device cpu --preset vit_cifar_9 --steps 3 --repeats 3`). The
 training engine therefore wraps its forward passes in `LinearKernels` where `onednn_pays()`;
@@ -45,10 +46,10 @@ def onednn_pays() -> bool:
 @cache
 def bf16_pays() -> bool:
     """Whether training on this CPU should compute its linear layers in bf16 (autocast): only where
-    the CPU has AMX matrix units. On this project's 2-core Xeon with AMX, bf16 products of ViT's
-    linear-layer shapes ran 5.4x faster than fp32 and a whole `vit_cifar_9` training step 1.6x
-    faster (`python benchmarks/engine_speed.py step --device cpu --preset vit_cifar_9 --precision
-    fp32 bf16`); without AMX a CPU emulates bf16 and is several times slower than in fp32."""
+    the CPU has AMX matrix units. On this project's 2-core Xeon with AMX, a whole `vit_cifar_9`
+    training step ran 1.6x faster with bf16 linear layers than in fp32 (`python
+    benchmarks/engine_speed.py step --device cpu --preset vit_cifar_9 --precision fp32 bf16`);
+    without AMX a CPU emulates bf16 and is several times slower than in fp32."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(amx and amx())
 
