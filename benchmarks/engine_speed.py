@@ -39,8 +39,7 @@ _code = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv[:-1] else
 sys.path.insert(0, _code)
 
 import vitdemo  # noqa: E402
-from vitdemo.checkpoint import preprocessing  # noqa: E402
-from vitdemo.data import CIFAR_MEAN, CIFAR_STD, ImageData  # noqa: E402
+from vitdemo.data import CIFAR_MEAN, CIFAR_STD, ImageData, Preprocessing  # noqa: E402
 from vitdemo.engine import RECIPES, EpochEvent, make_optimizer, select_device, train  # noqa: E402
 
 
@@ -176,7 +175,7 @@ def section_run(args, device: torch.device) -> None:
                      torch.randint(0, 10, (args.images,), generator=g), [str(i) for i in range(10)])
     val = ImageData(data.images[:args.val_images], data.labels[:args.val_images], data.class_names)
     recipe = RECIPES[args.recipe].replace(epochs=3, batch_size=args.batch)
-    prep = preprocessing(32, CIFAR_MEAN, CIFAR_STD)
+    prep = Preprocessing(32, CIFAR_MEAN, CIFAR_STD)
     print(f"\nWhole engine loop, {args.preset}, recipe {args.recipe} (batch {args.batch}), {args.images} images per "
           f"epoch + {args.val_images} validated, {device}: images/s of epoch 2")
     rates = {}

@@ -41,8 +41,8 @@ import vitdemo  # noqa: E402
 from vitdemo import faithfulness as FT  # noqa: E402
 from vitdemo import explanations as E  # noqa: E402
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from vitdemo.cli import load_data, split, stratified_sample  # noqa: E402
-from vitdemo.data import normalize  # noqa: E402
+from vitdemo.cli import stratified_sample  # noqa: E402
+from vitdemo.data import DataError, Preprocessing, checkpoint_data  # noqa: E402
 from vitdemo.runtime import weights_digest  # noqa: E402
 
 DEFAULT_DATA = Path("~/.cache/vitdemo/cifar10/train").expanduser()
@@ -72,8 +72,10 @@ def held_out_images(data_dir: Path, meta: dict, count: int):
     if not data_dir.is_dir():
         sys.exit(f"CIFAR-10's training images (class folders) were not found at {data_dir}; "
                  "pass --data with the folder the model was trained from")
-    data, _, _ = load_data(str(data_dir), meta["image_size"])
-    _, val = split(data, meta["val_size"], meta["split_seed"])
+    try:
+        val = checkpoint_data(meta, data_dir).val  # found by the data's recorded digest
+    except DataError as err:
+        sys.exit(f"{err}: pass --data with the folder the model was trained from")
     return stratified_sample(val, count)
 
 
@@ -86,7 +88,7 @@ def run(model, meta, images, batch_size: int, seed: int, log=print) -> tuple[dic
     hits = {k: {t: {s: [] for s in ("positive", "negative")} for t in ("predicted", "true")} for k in METHODS}
     intact, shuffle = [], torch.Generator().manual_seed(seed)
     for start in range(0, len(images), batch_size):
-        x = normalize(images.images[start:start + batch_size], meta["mean"], meta["std"])
+        x = Preprocessing.for_checkpoint(meta).normalize(images.images[start:start + batch_size])
         labels = images.labels[start:start + batch_size]
         with torch.no_grad():
             logits, attentions = model(x, return_attention=True)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdemo import ood  # noqa: E402
 from vitdemo.checkpoint import load_checkpoint  # noqa: E402
-from vitdemo.cli import load_data, split, stratified_sample  # noqa: E402
-from vitdemo.data import ImageData, iterate_batches, normalize, preprocess  # noqa: E402
+from vitdemo.cli import stratified_sample  # noqa: E402
+from vitdemo.data import ImageData, Preprocessing, checkpoint_data, iterate_batches  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def features(model, batches) -> dict[str, torch.Tensor]:
 
 
 def images_of(data: ImageData, meta, batch_size: int = 500):
-    return (normalize(x, meta["mean"], meta["std"]) for x, _ in iterate_batches(data, batch_size, shuffle=False))
+    return (Preprocessing.for_checkpoint(meta).normalize(x) for x, _ in iterate_batches(data, batch_size, shuffle=False))
 
 
 def msp_score(f: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,15 +75,15 @@ def main() -> None:
     stats = meta["ood"]
     means, whitening = torch.tensor(stats["means"]), torch.tensor(stats["whitening"])
     feature = stats.get("feature", "pre_norm")
-    data, _, _ = load_data(args.data, meta["image_size"])
-    train_data, val_data = split(data, meta["val_size"], meta["split_seed"])
+    run = checkpoint_data(meta, args.data)  # the split the model was trained with, found by the data's digest
+    train_data, val_data = run.train, run.val
     seen = stratified_sample(train_data, args.train_sample)
     start = time.perf_counter()
     held = features(model, images_of(val_data, meta))
     trained = features(model, images_of(seen, meta))
     unlike = ood.unlike_images(args.per_kind, seed=1)  # seed 1: not the images the tests draw
-    kinds = {kind: features(model, [torch.cat([preprocess(im, meta["image_size"], meta["mean"], meta["std"])
-                                               for im in images])])
+    prep = Preprocessing.for_checkpoint(meta)
+    kinds = {kind: features(model, [torch.cat([prep(im) for im in images])])
              for kind, images in unlike.items()}
     print(f"{len(val_data)} held-out images of the split the model was trained with, {args.per_kind} unlike "
           f"images of each of {len(kinds)} kinds, {len(seen)} training images (scored in "

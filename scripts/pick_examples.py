@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdemo import ood  # noqa: E402
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
-from vitdemo.data import load_image_folder, normalize, stratified_split  # noqa: E402
+from vitdemo.data import Preprocessing, load_source, recorded_limits, run_split, stratified_split  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "vitdemo" / "app" / "assets" / "cifar10"
 PER_CLASS = 2
@@ -40,9 +40,12 @@ def main() -> None:
     args = parser.parse_args()
     model, meta = load_checkpoint(args.checkpoint)
     model.eval()
-    data = load_image_folder(args.data, image_size=meta["image_size"], resize=meta.get("resize"))
+    prep = Preprocessing.for_checkpoint(meta)
+    data = load_source(args.data, prep, **recorded_limits(meta))
     if list(data.class_names) != list(meta["class_names"]):
         raise SystemExit(f"the folder's classes {data.class_names} are not the checkpoint's {meta['class_names']}")
+    if run_split(meta, data, args.data) is None:
+        raise SystemExit("these are not the images the checkpoint was trained on (their digest differs)")
     _, held_out = stratified_split(data.labels, int(meta["val_size"]), seed=int(meta["split_seed"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def main() -> None:
         if len(chosen[name]) == PER_CLASS:
             continue
         looked[name] += 1
-        x = normalize(data.images[index : index + 1], meta["mean"], meta["std"])
+        x = prep.normalize(data.images[index : index + 1])
         with torch.no_grad():
             right = int(model(x).argmax()) == int(data.labels[index])
         if right and not ood.check(model, x, meta)[0].flagged:

@@ -33,8 +33,9 @@ def stand_in_app(mp, root):
     import torch
 
     import vitdemo
+    from vitdemo.data import Preprocessing
     from vitdemo.app import common, models, training
-    from vitdemo.checkpoint import preprocessing, save_checkpoint
+    from vitdemo.checkpoint import save_checkpoint
 
     # Its own seed: drawn from whatever state earlier tests left (a manual_seed(0) say), the stand-in
     # could equal a model the app draws from seed 0, and a test telling the two apart would fail.
@@ -42,7 +43,7 @@ def stand_in_app(mp, root):
         torch.manual_seed(20201022)
         model = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=64, num_heads=2, mlp_dim=128)
     checkpoint = save_checkpoint(root / "shipped" / "model.safetensors", model, STAND_IN_CLASSES,
-                                 preprocessing(32, (0.5,) * 3, (0.5,) * 3),
+                                 Preprocessing(32, (0.5,) * 3, (0.5,) * 3),
                                  metrics={"epoch": 3, "train_acc": 0.5, "val_acc": 0.4, "val_loss": 1.3})
     mp.setattr(models, "SHIPPED_CHECKPOINT", checkpoint)
     mp.setattr(common, "APP_DIR", root / "app")

@@ -260,8 +260,15 @@ def test_training_streams_curves_and_registers_the_model(photo):
         initial = vitdemo.create_model("vit_cifar_4", num_classes=4, patch_size=8, depth=TINY_RUN["depth"],
                                        embed_dim=TINY_RUN["width"], num_heads=2, mlp_dim=2 * TINY_RUN["width"])
 
+    # A new model normalises with its training images' own statistics, per channel (4 decimals).
+    pixels = data.images[train_idx].double() / 255
+    mean = pixels.mean(dim=(0, 2, 3))
+    std = (pixels.square().mean(dim=(0, 2, 3)) - mean.square()).sqrt()
+    assert meta["mean"] == [round(v, 4) for v in mean.tolist()] and meta["std"] == [round(v, 4) for v in std.tolist()]
+    mean, std = torch.tensor(meta["mean"]).view(3, 1, 1), torch.tensor(meta["std"]).view(3, 1, 1)
+
     def figures(net, idx):  # (mean cross-entropy, accuracy in %) on the images `idx`, unaugmented
-        x = (data.images[idx].float() / 255 - 0.5) / 0.5  # the shapes' normalisation: mean = std = 0.5
+        x = (data.images[idx].float() / 255 - mean) / std
         with torch.no_grad():
             logits = net.eval()(x)
         y = data.labels[idx]
@@ -344,11 +351,11 @@ def test_cifar_offline_is_explained_once(monkeypatch):
         raise vitdemo.data.DataError("could not download") from urllib.error.URLError(
             OSError(-2, "Name or service not known"))
 
-    monkeypatch.setattr(training, "load_cifar10", offline)
+    monkeypatch.setattr(vitdemo.data.sources, "load_cifar10", offline)
     monkeypatch.setattr(training, "cifar_folders", lambda: [])
     for _ in range(2):
         with pytest.raises(gr.Error) as excinfo:
-            training.load_training_data(training.SRC_CIFAR, None, 10, 32)
+            training.load_training_data(training.SRC_CIFAR, None, 10)
         message = error_message(excinfo)
         assert "could not be downloaded: no internet connection (Name or service not known)." in message
         assert "class folders in `~/.cache/vitdemo/cifar10/train`" in message  # the documented place, whole

@@ -9,19 +9,19 @@ import torch
 from safetensors.torch import save_file
 
 import vitdemo
+from vitdemo.data import Preprocessing
 from vitdemo.checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,
     load_peer_weights,
-    preprocessing,
     read_metadata,
     save_checkpoint,
     unwrap,
 )
 
 CLASSES = ["a", "b", "c"]
-PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def small_model():
@@ -60,7 +60,7 @@ def write_raw(path, tensors, metadata):
 
 def good_metadata(model):
     return {"format": "vitdemo-checkpoint", "format_version": 1, "config": model.config.to_dict(),
-            "class_names": CLASSES, **PREP}
+            "class_names": CLASSES, **PREP.to_dict()}
 
 
 @pytest.mark.parametrize("field, value, message", [

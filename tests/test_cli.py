@@ -15,6 +15,15 @@ TINY = ["--set", "depth=1", "embed_dim=32", "num_heads=2", "mlp_dim=64"]
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
+def held_out_shapes():
+    """The built-in shapes' held-out 10% as a `--data synthetic` run splits them: the 1,200 images
+    of seed 0, 120 held out with split seed 0 (computed here without the CLI's data loading)."""
+    from vitdemo.data import stratified_split, synthetic_shapes
+
+    data = synthetic_shapes(image_size=32, seed=0)
+    return data.subset(stratified_split(data.labels, 120, seed=0)[1])
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -65,11 +74,10 @@ def test_evaluate_reports_accuracy_and_confusion_matrix(run_dir, tmp_path, capsy
     # The held-out 10% of the 1,200 synthetic images (split seed 0), classified here by hand.
     import torch
 
-    from vitdemo.cli import load_data, split
     from vitdemo.data import normalize
 
     model, meta = load_checkpoint(run_dir)
-    _, val = split(load_data("synthetic", 32)[0], 0.1, 0)
+    val = held_out_shapes()
     with torch.no_grad():
         preds = model(normalize(val.images, meta["mean"], meta["std"])).argmax(-1)
     assert report["images"] == len(val) == 120
@@ -88,7 +96,6 @@ def test_evaluate_int8_scores_each_image_on_its_own(run_dir, tmp_path, capsys):
     image is scored as the app and `predict` score it, whatever else is held out."""
     import torch
 
-    from vitdemo.cli import load_data, split
     from vitdemo.data import normalize
     from vitdemo.runtime import prepare
 
@@ -96,7 +103,7 @@ def test_evaluate_int8_scores_each_image_on_its_own(run_dir, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "evaluation.json").read_text())
     model, meta = load_checkpoint(run_dir)
-    _, val = split(load_data("synthetic", 32)[0], 0.1, 0)
+    val = held_out_shapes()
     run = prepare(model, "int8")
     x = normalize(val.images, meta["mean"], meta["std"])
     logits = torch.cat([run(x[i:i + 1]) for i in range(len(x))])

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitdemo
+from vitdemo.data import Preprocessing
 from vitdemo import cpu_linear, engine
-from vitdemo.checkpoint import preprocessing
 from vitdemo.cpu_linear import LinearKernels, OneDNNLinear
 from vitdemo.data import ImageData
 
@@ -108,7 +108,7 @@ def test_engine_trains_with_onednn_where_it_pays_and_hands_back_a_plain_model(mo
     model = tiny_vit()
     recipe = engine.RECIPES["small-data"].replace(epochs=1, batch_size=32, ema_decay=0.9)
     # fp32: under bf16 autocast (the default on a CPU with AMX) the linear layers are PyTorch's own.
-    events = list(engine.train(model, data, data, recipe, preprocess=preprocessing(32, (0.5,) * 3, (0.5,) * 3),
+    events = list(engine.train(model, data, data, recipe, preprocess=Preprocessing(32, (0.5,) * 3, (0.5,) * 3),
                                device="cpu", precision="fp32"))
     assert isinstance(events[-1], engine.DoneEvent)
     assert bool(calls) == pays

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 import vitdemo
 from vitdemo import engine
-from vitdemo.checkpoint import load_checkpoint, preprocessing
+from vitdemo.checkpoint import load_checkpoint
+from vitdemo.data import Preprocessing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,7 @@ def _tiny_run(batch_size):
         torch.manual_seed(0)
         model = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=1, embed_dim=32, num_heads=2, mlp_dim=64)
     recipe = engine.Recipe(**DDP_RECIPE, batch_size=batch_size)
-    return model, data, recipe, preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    return model, data, recipe, Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
 
 
 def _train(batch_size):

@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import small_model
 
-from vitdemo.checkpoint import load_checkpoint, preprocessing
+from vitdemo.data import Preprocessing
+
+from vitdemo.checkpoint import load_checkpoint
 from vitdemo.data import synthetic_shapes
 from vitdemo.engine import (
     RECIPES,
@@ -20,7 +22,7 @@ from vitdemo.engine import (
     warmup_cosine,
 )
 
-PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +130,9 @@ def test_cached_features_are_the_class_token_features(shapes):
 
     model = small_model().eval()
     data = shapes[1].subset(torch.arange(5))
-    cached = extract_features(model, data, PREP["mean"], PREP["std"])
+    cached = extract_features(model, data, PREP.mean, PREP.std)
     with torch.no_grad():
-        tokens = model.forward_features(normalize(data.images, PREP["mean"], PREP["std"]))[0]
+        tokens = model.forward_features(normalize(data.images, PREP.mean, PREP.std))[0]
     assert cached.features.shape == (5, 64) and torch.equal(cached.labels, data.labels)
     torch.testing.assert_close(cached.features, tokens[:, 0], atol=1e-6, rtol=0)  # what the head reads
 

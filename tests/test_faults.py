@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import vitdemo
-from vitdemo.checkpoint import WEIGHTS_NAME, load_checkpoint, preprocessing
+from vitdemo.data import Preprocessing
+from vitdemo.checkpoint import WEIGHTS_NAME, load_checkpoint
 from vitdemo.data import stratified_split, synthetic_shapes
 from vitdemo.engine import RECIPES, STATE_NAME, DoneEvent, EpochEvent, StepEvent, TrainingError, train
 
@@ -45,7 +46,7 @@ WRITER = textwrap.dedent("""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = vitdemo.create_model("vit_cifar_4", **{model})
-    prep = ckpt.preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    prep = vitdemo.data.Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
     real_save_file = ckpt.save_file
 
     def half_then_wait(tensors, tmp, metadata=None):
@@ -165,7 +166,7 @@ def test_checkpoint_writer_killed_at_random_moments_leaves_a_complete_checkpoint
 # Training stopped at any step
 # ---------------------------------------------------------------------------------------------
 
-PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 RECIPE = RECIPES["small-data"].replace(epochs=3, batch_size=32)
 STEPS_PER_EPOCH = 4  # 128 training images in batches of 32
 TOTAL = 3 * STEPS_PER_EPOCH

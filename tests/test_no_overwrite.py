@@ -9,8 +9,10 @@ import pytest
 from helpers import STAND_IN_CLASSES, small_model
 from PIL import Image
 
+from vitdemo.data import Preprocessing
+
 from vitdemo import cli
-from vitdemo.checkpoint import load_checkpoint, preprocessing, save_checkpoint
+from vitdemo.checkpoint import load_checkpoint, save_checkpoint
 from vitdemo.cli import main
 from vitdemo.data import DataError
 
@@ -31,7 +33,7 @@ def no_work(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("work started before the refusal")
 
-    for name in ("load_data", "load_checkpoint", "train", "export_onnx"):
+    for name in ("training_data", "load_source", "load_checkpoint", "train", "export_onnx"):
         monkeypatch.setattr(cli, name, reached)
 
 
@@ -43,7 +45,7 @@ def checkpoint(tmp_path_factory):
                "lr": [1e-3, 5e-4]}
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
     return save_checkpoint(path, small_model(depth=1, embed_dim=32, num_heads=2, mlp_dim=64), STAND_IN_CLASSES,
-                           preprocessing(32, (0.5,) * 3, (0.5,) * 3), history=history)
+                           Preprocessing(32, (0.5,) * 3, (0.5,) * 3), history=history)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def test_train_in_an_empty_new_or_unrelated_folder_goes_ahead(tmp_path, monkeypa
     def reached(*args, **kwargs):
         raise DataError("reached the data")
 
-    monkeypatch.setattr(cli, "load_data", reached)
+    monkeypatch.setattr(cli, "training_data", reached)
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
@@ -157,7 +159,7 @@ def test_evaluate_refuses_to_replace_its_files(checkpoint, tmp_path, monkeypatch
     out = tmp_path / "eval"
     out.mkdir()
     (out / "curves.png").write_bytes(OLD)  # e.g. --out given the run's own folder
-    monkeypatch.setattr(cli, "load_data", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    monkeypatch.setattr(cli, "load_source", lambda *a, **k: pytest.fail("evaluated before the refusal"))
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", "synthetic", "--out", str(out)]) == 2
     line = one_error_line(capsys)
     assert f"--out {out} already holds curves.png" in line and "--force" in line

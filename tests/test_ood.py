@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import vitdemo
+from vitdemo.data import Preprocessing
 from vitdemo import ood
-from vitdemo.checkpoint import load_checkpoint, preprocessing, read_metadata, save_checkpoint, update_metadata
+from vitdemo.checkpoint import load_checkpoint, read_metadata, save_checkpoint, update_metadata
 from vitdemo.cli import main
 from vitdemo.data import CIFAR10_CLASSES, load_image, normalize, preprocess, stratified_split, synthetic_shapes
 from vitdemo.engine import RECIPES, train
@@ -19,7 +20,7 @@ from vitdemo.runtime import weights_digest
 
 # CIFAR-10's training images, beside the project's checkout (absent from a user's clone).
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train.tar.gz"
-PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def tiny_model(seed=0):
@@ -49,7 +50,7 @@ def shipped():
 def class_token(model, images_uint8, after_norm=False):
     """The class token entering the final LayerNorm (z_L^0 of the ViT paper's Eq. 4), or after it,
     computed layer by layer here, independently of vitdemo.ood."""
-    x = normalize(images_uint8, PREP["mean"], PREP["std"])
+    x = normalize(images_uint8, PREP.mean, PREP.std)
     with torch.no_grad():
         model.eval()
         z = torch.cat([model.cls_token.expand(len(x), -1, -1), model.patch_embed(x)], dim=1) + model.pos_embed
@@ -66,7 +67,7 @@ def class_token(model, images_uint8, after_norm=False):
 def test_fit_calibrates_at_most_the_false_alarm_rate_on_the_held_out_images(shapes, fitted):
     model, stats = fitted
     train_data, val_data = shapes
-    held_out = ood.scores(model, normalize(val_data.images, PREP["mean"], PREP["std"]), {"ood": stats})
+    held_out = ood.scores(model, normalize(val_data.images, PREP.mean, PREP.std), {"ood": stats})
     assert held_out.shape == (len(val_data),)
     flagged = (held_out > stats["threshold"]).sum().item()
     # Exactly floor(5% of 120) = 6 above the threshold: calibrated on these held-out images,
@@ -75,7 +76,7 @@ def test_fit_calibrates_at_most_the_false_alarm_rate_on_the_held_out_images(shap
     assert stats["calibration"] == {"train_images": len(train_data), "held_out_images": len(val_data),
                                     "held_out_flagged": pytest.approx(6 / len(val_data))}
     assert stats["false_alarm_rate"] == 0.05
-    training = ood.scores(model, normalize(train_data.images, PREP["mean"], PREP["std"]), {"ood": stats})
+    training = ood.scores(model, normalize(train_data.images, PREP.mean, PREP.std), {"ood": stats})
     assert training.median() < held_out.median()  # why the threshold comes from held-out images
 
 
@@ -83,7 +84,7 @@ def test_fit_calibrates_at_most_the_false_alarm_rate_on_the_held_out_images(shap
 def test_other_false_alarm_rates(shapes, rate):
     model = tiny_model()
     stats = ood.fit(model, *shapes, PREP, false_alarm_rate=rate)
-    held_out = ood.scores(model, normalize(shapes[1].images, PREP["mean"], PREP["std"]), {"ood": stats})
+    held_out = ood.scores(model, normalize(shapes[1].images, PREP.mean, PREP.std), {"ood": stats})
     assert (held_out > stats["threshold"]).sum().item() == math.floor(rate * len(held_out))
 
 
@@ -105,7 +106,7 @@ def test_means_and_shared_covariance_are_lee_et_al_eq_1_and_the_score_their_eq_2
 
     queries = class_token(model, val_data.images[:8]).numpy()
     expected = [math.sqrt(min((q - m) @ precision @ (q - m) for m in means)) for q in queries]
-    got = ood.scores(model, normalize(val_data.images[:8], PREP["mean"], PREP["std"]), {"ood": stats})
+    got = ood.scores(model, normalize(val_data.images[:8], PREP.mean, PREP.std), {"ood": stats})
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3)
 
 
@@ -114,7 +115,7 @@ def test_the_final_layernorm_makes_the_covariance_singular_and_exactly_that_dire
     stats = ood.fit(model, *shapes, PREP, feature="post_norm")
     assert stats["feature"] == "post_norm"
     feats = class_token(model, shapes[0].images, after_norm=True)
-    assert torch.allclose(ood.features(model, normalize(shapes[0].images, PREP["mean"], PREP["std"]), "post_norm"),
+    assert torch.allclose(ood.features(model, normalize(shapes[0].images, PREP.mean, PREP.std), "post_norm"),
                           feats.float(), atol=1e-5)
     # The normalised values (f - beta) / gamma of every feature sum to zero: one direction has no variance.
     gamma, beta = model.norm.weight.double().detach(), model.norm.bias.double().detach()
@@ -129,7 +130,7 @@ def test_the_final_layernorm_makes_the_covariance_singular_and_exactly_that_dire
 
 def test_scores_leave_the_model_as_it_was_and_are_deterministic(fitted, shapes):
     model, stats = fitted
-    x = normalize(shapes[1].images[:4], PREP["mean"], PREP["std"])
+    x = normalize(shapes[1].images[:4], PREP.mean, PREP.std)
     model.train()
     try:
         first = ood.scores(model, x, {"ood": stats})
@@ -141,7 +142,7 @@ def test_scores_leave_the_model_as_it_was_and_are_deterministic(fitted, shapes):
 
 def test_check_says_flagged_and_relative_to_the_threshold(fitted, shapes):
     model, stats = fitted
-    x = normalize(shapes[1].images, PREP["mean"], PREP["std"])
+    x = normalize(shapes[1].images, PREP.mean, PREP.std)
     verdicts = ood.check(model, x, {"ood": stats})
     values = ood.scores(model, x, {"ood": stats})
     assert [v.score for v in verdicts] == pytest.approx(values.tolist())
@@ -152,7 +153,7 @@ def test_check_says_flagged_and_relative_to_the_threshold(fitted, shapes):
 
 def test_missing_or_mismatched_statistics_are_a_clear_error(fitted, shapes):
     model, stats = fitted
-    x = normalize(shapes[1].images[:2], PREP["mean"], PREP["std"])
+    x = normalize(shapes[1].images[:2], PREP.mean, PREP.std)
     assert not ood.has_stats({"class_names": ["a"]}) and ood.has_stats({"ood": stats})
     with pytest.raises(ood.OODUnavailable, match="fit-ood"):
         ood.scores(model, x, {"class_names": ["a"]})
@@ -181,7 +182,7 @@ def test_auroc_is_the_probability_that_an_outside_image_scores_higher():
 
 def test_statistics_round_trip_through_a_checkpoint(fitted, shapes, tmp_path):
     model, stats = fitted
-    x = normalize(shapes[1].images, PREP["mean"], PREP["std"])
+    x = normalize(shapes[1].images, PREP.mean, PREP.std)
     before = ood.scores(model, x, {"ood": stats})
     path = save_checkpoint(tmp_path / "model.safetensors", model, shapes[0].class_names, PREP, ood=stats)
     loaded, meta = load_checkpoint(path)
@@ -210,7 +211,7 @@ def test_the_engine_fits_the_statistics_into_the_final_checkpoint(shapes, tmp_pa
     assert epochs_seen == [False, True]  # fitted once, for the finished model
     model, meta = load_checkpoint(tmp_path)
     assert meta["ood"]["calibration"]["held_out_images"] == len(shapes[1])
-    held_out = ood.scores(model, normalize(shapes[1].images, PREP["mean"], PREP["std"]), meta)
+    held_out = ood.scores(model, normalize(shapes[1].images, PREP.mean, PREP.std), meta)
     assert (held_out > meta["ood"]["threshold"]).sum().item() == math.floor(0.05 * len(shapes[1]))
 
 

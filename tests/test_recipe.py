@@ -8,11 +8,13 @@ import pytest
 import torch
 from helpers import small_model
 
-from vitdemo.checkpoint import load_checkpoint, preprocessing
+from vitdemo.data import Preprocessing
+
+from vitdemo.checkpoint import load_checkpoint
 from vitdemo.data import ImageData, iterate_batches, stratified_split, synthetic_shapes
 from vitdemo.engine import EMA_DIR, RECIPES, EpochEvent, Recipe, StepEvent, TrainingError, make_optimizer, train
 
-PREP = preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # Every ingredient at once, DeiT's in-batch repeats included (small-vit itself keeps them off).
 BUNDLE = RECIPES["small-vit"].replace(epochs=2, batch_size=48, ema_decay=0.9, repeats=3)
 
@@ -180,7 +182,7 @@ def test_moving_average_is_of_the_weights_after_every_step_and_saved_apart(shape
     epoch = next(e for e in events if isinstance(e, EpochEvent))
     from vitdemo.engine import evaluate
 
-    _, acc, _ = evaluate(ema_model, shapes[1], PREP["mean"], PREP["std"])
+    _, acc, _ = evaluate(ema_model, shapes[1], PREP.mean, PREP.std)
     assert epoch.ema_val_acc == ema_meta["metrics"]["val_acc"] == pytest.approx(acc)
     assert events[-1].history["ema_val_acc"] == [epoch.ema_val_acc]
     assert "ood" in ema_meta and ema_meta["ood"] != meta["ood"]  # each weights' own statistics

@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 import vitdemo
+from vitdemo.data import Preprocessing
 from vitdemo import runtime
 from vitdemo.cli import main
-from vitdemo.checkpoint import preprocessing, save_checkpoint
+from vitdemo.checkpoint import save_checkpoint
 
 needs_onednn = pytest.mark.skipif(not runtime.packing_available(), reason="this PyTorch build has no oneDNN")
 
@@ -168,7 +169,7 @@ def test_export_without_overwrite_refuses_an_existing_file(model, tmp_path):
 
 def test_cli_refuses_to_overwrite_an_int8_export_given_to_the_fp32_runtime(model, exported, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "run" / "model.safetensors", model, [f"c{i}" for i in range(10)],
-                           preprocessing(32, (0.5,) * 3, (0.5,) * 3))
+                           Preprocessing(32, (0.5,) * 3, (0.5,) * 3))
     onnx = tmp_path / "run" / "model.int8.onnx"
     onnx.write_bytes(exported["int8"].read_bytes())
     before = onnx.read_bytes()
@@ -184,7 +185,7 @@ def test_cli_refuses_to_overwrite_an_int8_export_given_to_the_fp32_runtime(model
 
 def test_cli_export_onnx_and_predict_with_each_runtime(model, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "run" / "model.safetensors", model, [f"c{i}" for i in range(10)],
-                           preprocessing(32, (0.5,) * 3, (0.5,) * 3))
+                           Preprocessing(32, (0.5,) * 3, (0.5,) * 3))
     image = tmp_path / "x.png"
     from PIL import Image
 

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 import vitdemo
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT, read_metadata
 from vitdemo.config import PRESETS
-from vitdemo.cli import load_data, split, stratified_sample
+from vitdemo.cli import stratified_sample
+from vitdemo.data import checkpoint_data
 from vitdemo.data import CIFAR10_CLASSES, preprocess
 from vitdemo.engine import evaluate
 
@@ -114,13 +115,12 @@ def test_shipped_int8_export_is_of_the_shipped_weights(shipped):
 @pytest.mark.skipif(not CIFAR_TAR.exists(), reason=f"needs CIFAR-10's training images at {CIFAR_TAR}")
 def test_accuracy_on_1000_held_out_images(shipped, tmp_path):
     """The split the model was trained with (5,000 held out, seed 0, recorded in its metadata),
-    of which 100 images per class: `python -m vitdemo evaluate --data DIR --val-size 5000
-    --split-seed 0 --limit 1000` prints the same figure."""
+    of which 100 images per class: `python -m vitdemo evaluate --data DIR --limit 1000` prints the
+    same figure (it finds the held-out images by the data's recorded digest)."""
     model, meta = shipped
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(tmp_path, filter="data")
-    data, _, _ = load_data(str(tmp_path / "cifar10" / "train"), meta["image_size"])
-    _, val = split(data, meta["val_size"], meta["split_seed"])
+    val = checkpoint_data(meta, tmp_path / "cifar10" / "train").val  # its held-out images, by their digest
     sample = stratified_sample(val, 1000)
     assert torch.bincount(sample.labels).tolist() == [100] * 10
     _, accuracy, _ = evaluate(model, sample, meta["mean"], meta["std"])

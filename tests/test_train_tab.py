@@ -17,6 +17,7 @@ from helpers import free_port, stand_in_app
 from PIL import Image
 
 import vitdemo.app
+import vitdemo.data.sources
 from vitdemo.app import models, train_tab, training
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train.tar.gz"
@@ -197,12 +198,12 @@ def test_cifar_comes_from_a_local_image_folder_without_the_network(monkeypatch, 
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded although a local folder was given")
 
-    monkeypatch.setattr(training, "load_cifar10", no_download)
-    training._local_cifar.cache_clear()
-    data, mean, std, name = training.load_training_data(training.SRC_CIFAR, None, 2)
-    assert name == "CIFAR-10" and data.class_names == ["airplane", "cat", "ship"] and len(data) == 6
-    assert data.images.shape[-2:] == (32, 32)
-    training._local_cifar.cache_clear()
+    monkeypatch.setattr(vitdemo.data.sources, "load_cifar10", no_download)
+    training._cached_training_data.cache_clear()
+    data, name = training.load_training_data(training.SRC_CIFAR, None, 2)
+    assert name == "CIFAR-10" and data.class_names == ["airplane", "cat", "ship"]
+    assert len(data.train) + len(data.val) == 6 and data.train.images.shape[-2:] == (32, 32)
+    training._cached_training_data.cache_clear()
 
 
 @pytest.mark.slow
@@ -217,11 +218,11 @@ def test_cifar_defaults_learn_from_a_local_copy(monkeypatch, tmp_path):
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(tmp_path, filter="data")
     monkeypatch.setenv("VITDEMO_CIFAR10", str(tmp_path / "cifar10" / "train"))
-    training._local_cifar.cache_clear()
+    training._cached_training_data.cache_clear()
     d = train_tab.DEFAULTS[training.SRC_CIFAR]
     outputs = list(train_tab.train_run(training.SRC_CIFAR, None, 500, d["patch"], d["depth"], d["width"], 2, d["lr"],
                                        d["batch"]))
-    training._local_cifar.cache_clear()
+    training._cached_training_data.cache_clear()
     val = validation(outputs[-1][1])
     assert val[-1] >= 25, val
     assert "CIFAR-10, 10 classes" in outputs[-1][2]

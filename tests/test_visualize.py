@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import vitdemo
+from vitdemo.data import Preprocessing
 from vitdemo import explanations as E
 from vitdemo import visualize as V
 
@@ -100,14 +101,14 @@ def test_patch_grid_draws_the_pixels_the_model_reads_in_each_patch():
 
 def test_explain_draws_its_maps_over_the_crop_the_model_saw(tmp_path, monkeypatch):
     """`python -m vitdemo explain` with a checkpoint of resize 64 > image_size 32."""
-    from vitdemo.checkpoint import preprocessing, save_checkpoint
+    from vitdemo.checkpoint import save_checkpoint
     from vitdemo.cli import main
 
     torch.manual_seed(0)
     model = vitdemo.create_model("vit_cifar_4", num_classes=2, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                                  mlp_dim=64)
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, ["a", "b"],
-                           preprocessing(32, (0.5,) * 3, (0.5,) * 3, resize=64))
+                           Preprocessing(32, (0.5,) * 3, (0.5,) * 3, resize=64))
     marked().save(tmp_path / "in.png")
     (r, c), _ = brightest_patch(marked())
     hot = torch.zeros(1, 4, 4)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ViTConfig
+from .data.preprocessing import Preprocessing
 from .model import VisionTransformer
 
 FORMAT = "vitdemo-checkpoint"
@@ -105,30 +106,16 @@ def _umask() -> int:
     return 0o022
 
 
-def preprocessing(
-    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], resize: int | None = None,
-    interpolation: str = "bicubic",
-) -> dict[str, Any]:
-    """The input transform a model expects: resize the shorter side to `resize`, centre-crop to
-    `image_size`, scale to [0, 1], normalise with `mean` and `std`."""
-    return {
-        "image_size": int(image_size),
-        "resize": int(resize or image_size),
-        "interpolation": interpolation,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-    }
-
-
 def save_checkpoint(
     path: str | Path,
     model: VisionTransformer,
     class_names: list[str],
-    preprocess: dict[str, Any],
+    preprocess: Preprocessing,
     **extra: Any,
 ) -> Path:
     """Write `model` and its metadata (config, class names, preprocessing, and any JSON-able
-    `extra` such as metrics or recipe) to one safetensors file, atomically."""
+    `extra` such as metrics or recipe) to one safetensors file, atomically. The preprocessing is
+    read back with `Preprocessing.for_checkpoint(metadata)`."""
     model = unwrap(model)
     if model.config.num_classes and len(class_names) != model.config.num_classes:
         raise CheckpointError(
@@ -142,7 +129,7 @@ def save_checkpoint(
         "vitdemo_version": __version__,
         "config": model.config.to_dict(),
         "class_names": list(class_names),
-        **preprocess,
+        **preprocess.to_dict(),
         **extra,
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -172,6 +159,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise CheckpointError(f"{path} metadata lacks {missing}")
+    try:
+        Preprocessing.for_checkpoint(metadata)
+    except (TypeError, ValueError) as err:  # the values Preprocessing refuses, and non-numbers
+        raise CheckpointError(f"{path} has invalid preprocessing: {err}") from err
     return metadata
 
 

@@ -17,74 +17,86 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from . import create_model, get_config, list_presets, load_weights
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_peer_weights, preprocessing
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_peer_weights
 from .data import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    CIFAR10_CLASSES,
+    CIFAR10,
     DataError,
     ImageData,
-    load_cifar10,
+    Preprocessing,
+    TrainingData,
     load_image,
-    load_image_folder,
-    load_zip,
-    preprocess,
+    load_source,
+    recorded_limits,
+    run_split,
+    source_name,
+    split,
     stratified_split,
-    synthetic_shapes,
+    training_data,
 )
 from . import cli_support as support
 from .engine import COMPILE_MODES, PRECISIONS, RECIPES, DoneEvent, EpochEvent, StepEvent, TrainingError, evaluate, select_device, train
 from .pretrained import PretrainedUnavailable
 from .runtime import RUNTIMES, RuntimeUnavailable, export_onnx, load_onnx
 
-HALF = (0.5, 0.5, 0.5)
-
-
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
 
 
-def load_data(source: str, image_size: int, data_root: str | None = None, download: bool = False,
-              max_images_per_class: int | None = None, seed: int = 0) -> tuple[ImageData, tuple, tuple]:
-    """The data set named by `source` and its default normalisation (mean, std).
-
-    `source` is "synthetic", "cifar10" (torchvision's copy in `data_root`, downloaded with
-    `download`), a directory of class folders, or a `.zip` of them.
-    """
-    if source == "synthetic":
-        return synthetic_shapes(image_size=image_size, seed=seed), HALF, HALF
-    if source == "cifar10":
-        root = data_root or "data"
-        try:
-            return load_cifar10(root, train=True, download=download), CIFAR_MEAN, CIFAR_STD
-        except DataError as err:  # the library's message names its Python arguments; say the options
-            raise DataError(support.cifar10_unavailable(root, download, err.__cause__)) from None
-    path = Path(source).expanduser()
-    if path.suffix.lower() == ".zip":
-        data = load_zip(path, image_size=image_size, max_images_per_class=max_images_per_class)
-    else:
-        data = load_image_folder(path, image_size=image_size, max_images_per_class=max_images_per_class)
-    cifar_like = list(data.class_names) == list(CIFAR10_CLASSES) and image_size == 32
-    return data, (CIFAR_MEAN if cifar_like else HALF), (CIFAR_STD if cifar_like else HALF)
+@contextlib.contextmanager
+def cifar10_messages(args: argparse.Namespace) -> Iterator[None]:
+    """CIFAR-10's loading errors in the command's words: the library's name its Python arguments."""
+    try:
+        yield
+    except DataError as err:
+        if args.data != CIFAR10 or "CIFAR-10" not in str(err):  # not load_cifar10's
+            raise
+        raise DataError(support.cifar10_unavailable(args.data_root, args.download, err.__cause__)) from None
 
 
-def split(data: ImageData, val_size: float, seed: int) -> tuple[ImageData, ImageData | None]:
-    """Stratified, seeded train/validation split (`val_size` images if >= 1, else a fraction)."""
-    if val_size == 0:
-        return data, None
-    size: int | float = int(val_size) if val_size >= 1 else val_size
-    train_idx, val_idx = stratified_split(data.labels, size, seed=seed)
-    return data.subset(train_idx), data.subset(val_idx)
+def load(args: argparse.Namespace, prep: Preprocessing, **limits: Any) -> ImageData:
+    """Every image of `--data` at a model's crop."""
+    with cifar10_messages(args):
+        return load_source(args.data, prep, data_root=args.data_root, download=args.download, **limits)
+
+
+def check_classes(data: ImageData | TrainingData, meta: dict[str, Any]) -> None:
+    if list(data.class_names) != list(meta["class_names"]):
+        raise DataError(f"the data's classes {data.class_names} are not the model's {meta['class_names']}")
+
+
+def run_images(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[TrainingData | None, ImageData]:
+    """(the run's own split, if `--data` holds the images the checkpoint was trained on; all of
+    `--data`'s images at its crop). A --val-size or --split-seed other than the recorded one is
+    refused on the run's own data: its held-out images would include training images."""
+    prep = Preprocessing.for_checkpoint(meta)
+    limits = recorded_limits(meta)
+    data = load(args, prep, **limits)
+    split_of = dict(meta)
+    for name in ("val_size", "split_seed"):
+        given, recorded = getattr(args, name), meta.get(name)
+        option = "--" + name.replace("_", "-")
+        if given is not None and recorded is not None and float(given) != float(recorded):
+            raise ValueError(f"{option} {given:g} is not the split the model was trained with ({recorded:g}); "
+                             f"leave {option} out to use the recorded one")
+        split_of[name] = recorded if recorded is not None else given  # an older checkpoint: as the user says
+    run = run_split(split_of, data, args.data)
+    if run is None:
+        return None, load(args, prep) if limits["max_images_per_class"] else data
+    if run.val is None:
+        raise ValueError(f"the model was trained on every image of {args.data} (val_size 0): none are held out. "
+                         f"Give other data, such as a test set")
+    return run, data
 
 
 def stratified_sample(data: ImageData, size: int, seed: int = 0) -> ImageData:
@@ -152,33 +164,40 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise PretrainedUnavailable(support.pretrained_unavailable(args.init_from, err.reason)) from None
     elif args.init_from and not args.init_source:
         init_model, init_meta = load_checkpoint(args.init_from)
-    image_size = args.image_size or (init_meta["image_size"] if init_meta else get_config(args.preset).image_size[0])
-
-    data, mean, std = load_data(args.data, image_size, args.data_root, args.download, args.max_images_per_class,
-                                seed=args.seed)
+    # A starting model brings its crop and normalisation; a new one gets its data's (measured).
+    start = Preprocessing.for_checkpoint(init_meta) if init_meta is not None else None
+    overrides = _overrides(args.set)
+    image_size = args.image_size or overrides.get("image_size") or (
+        start.image_size if start else get_config(args.preset).image_size[0])
+    if isinstance(image_size, (tuple, list)):
+        raise ValueError("train at a square size: --image-size N (or --set image_size=N)")
+    with cifar10_messages(args):
+        data = training_data(args.data, image_size, start=start, val_size=args.val_size, split_seed=args.split_seed,
+                             data_root=args.data_root, download=args.download,
+                             max_images_per_class=args.max_images_per_class, seed=args.seed)
     if data.skipped:
         _print(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[:3]}")
+    classes = len(data.class_names)
     if init_meta is not None:
-        mean, std = tuple(init_meta["mean"]), tuple(init_meta["std"])
+        if overrides:
+            raise ValueError(f"--set {' '.join(args.set)} changes a new model; a fine-tuned model keeps the "
+                             f"architecture of --init-from (only --image-size changes it)")
         model = init_model
-        if args.image_size and args.image_size != model.config.image_size[0]:
-            model.set_image_size(args.image_size)  # the paper's fine-tuning at higher resolution
+        if image_size != model.config.image_size[0]:
+            model.set_image_size(image_size)  # the paper's fine-tuning at higher resolution
         if list(init_meta["class_names"]) != list(data.class_names):
-            model.reset_classifier(len(data.class_names))
+            model.reset_classifier(classes)
     else:
-        overrides = _overrides(args.set)
-        if args.image_size:
-            overrides["image_size"] = args.image_size
+        overrides["image_size"] = image_size
         # The data decide the classes; a --set num_classes that agrees with them is harmless.
-        classes = overrides.pop("num_classes", len(data.class_names))
-        if classes != len(data.class_names):
-            raise ValueError(f"--set num_classes={classes} contradicts --data {args.data}, which has "
-                             f"{len(data.class_names)} classes; leave num_classes out (the data decide it)")
-        model = create_model(args.preset, num_classes=len(data.class_names), **overrides)
+        if overrides.pop("num_classes", classes) != classes:
+            raise ValueError(f"--set num_classes={_overrides(args.set)['num_classes']} contradicts --data "
+                             f"{args.data}, which has {classes} classes; leave num_classes out (the data decide it)")
+        model = create_model(args.preset, num_classes=classes, **overrides)
         if args.init_from:  # another implementation's weights file, in --init-source's names
             for note in load_weights(model, load_peer_weights(args.init_from, args.init_source)):
                 _print(note)
-    train_data, val_data = split(data, args.val_size, args.split_seed)
+    train_data, val_data, prep = data.train, data.val, data.preprocessing
 
     policy = "randaugment" if args.randaugment else args.policy
     recipe = RECIPES[args.recipe].replace(**{k: v for k, v in (
@@ -190,18 +209,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = recipe.replace(policy=None if policy == "none" else policy)
     params = sum(p.numel() for p in model.parameters())
     _print(f"{len(train_data)} training and {len(val_data) if val_data else 0} validation images, "
-           f"{len(data.class_names)} classes; model {params:,} parameters on {device}; recipe {recipe}")
-
-    prep = preprocessing(image_size, mean, std,
-                         resize=init_meta.get("resize") if init_meta else None,
-                         interpolation=init_meta.get("interpolation", "bicubic") if init_meta else "bicubic")
+           f"{classes} classes; model {params:,} parameters on {device}; recipe {recipe}")
+    _print(f"preprocessing: {prep}")
     out = Path(args.out)
     if args.force and _is_main():  # only now: a mistyped option or missing data leaves the old run as it was
         support.start_over(args.out)
     events = train(model, train_data, val_data, recipe, preprocess=prep, out_dir=out, seed=args.seed,
                    device=device, resume=args.resume, freeze_backbone=args.freeze_backbone,
                    log_every=args.log_every, compile=args.compile, precision=args.precision,
-                   metadata={"data": args.data, "split_seed": args.split_seed, "val_size": args.val_size})
+                   metadata={"data": source_name(args.data), "data_digest": data.digest, "split_seed": args.split_seed,
+                             "val_size": args.val_size, "max_images_per_class": args.max_images_per_class,
+                             "data_seed": args.seed})
     bar = None
     for event in events:
         if isinstance(event, StepEvent):
@@ -241,22 +259,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     saved = ["evaluation.json", "confusion_matrix.png"] + (["curves.png"] if meta.get("history") else [])
     if args.out:  # before the evaluation, which can take minutes
         support.check_new_files(args.out, saved, args.force)
-    data, _, _ = load_data(args.data, meta["image_size"], args.data_root, args.download)
-    if list(data.class_names) != list(meta["class_names"]):
-        raise DataError(f"the data's classes {data.class_names} are not the model's {meta['class_names']}")
-    _, val = split(data, args.val_size, args.split_seed)
-    val = val or data
+    prep = Preprocessing.for_checkpoint(meta)
+    run, data = run_images(args, meta)
+    check_classes(data, meta)
+    if run is not None:  # the images it was trained on: exactly its held-out ones
+        val = run.val
+    else:  # other data (a test set): all of it, or the split --val-size asks for
+        val = split(data, args.val_size, args.split_seed or 0)[1] if args.val_size else data
     if args.limit:
         val = stratified_sample(val, args.limit)
     device = select_device(args.device)
     runner = support.runner(model, args.runtime, args.onnx, args.checkpoint)
     # int8 quantises activations over the whole batch, so in a batch an image's answer depends on
     # its neighbours; one at a time, each image gets the answer the app and `predict` give it.
-    loss, acc, preds = evaluate(runner, val, meta["mean"], meta["std"], batch_size=1 if args.runtime == "int8" else 256,
+    loss, acc, preds = evaluate(runner, val, prep.mean, prep.std, batch_size=1 if args.runtime == "int8" else 256,
                                 device=device if args.runtime == "eager" else "cpu")
     agreement = None
     if args.runtime != "eager":  # how often the faster runtime picks the same class as PyTorch fp32
-        agreement = (evaluate(model, val, meta["mean"], meta["std"], device=device)[2] == preds).float().mean().item()
+        agreement = (evaluate(model, val, prep.mean, prep.std, device=device)[2] == preds).float().mean().item()
     n = len(meta["class_names"])
     matrix = torch.zeros(n, n, dtype=torch.long)
     matrix.index_put_((val.labels, preds), torch.ones_like(preds), accumulate=True)
@@ -283,9 +303,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     model = support.runner(model, args.runtime, args.onnx, args.checkpoint)
+    prep = Preprocessing.for_checkpoint(meta)
     for path in args.images:
-        x = preprocess(load_image(path), meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
-                       interpolation=meta.get("interpolation", "bicubic"))
+        x = prep(load_image(path))
         with torch.no_grad():
             probs = model(x).softmax(-1)[0]
         top = probs.topk(min(args.topk, len(probs)))
@@ -332,6 +352,7 @@ EXPLAIN_VIEWS = ("patches.png", "patch_sequence.png", "position_similarity.png",
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from . import explanations as E
     from . import visualize as V
 
     support.check_new_files(args.out, EXPLAIN_VIEWS, args.force)
@@ -339,8 +360,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     size, patch = meta["image_size"], model.config.patch_size
     image = load_image(args.image)
     # One crop for the model and every picture of it: the checkpoint's own resize and filter.
-    crop = {"image_size": size, "resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
-    x = preprocess(image, size, meta["mean"], meta["std"], resize=crop["resize"], interpolation=crop["interpolation"])
+    prep = Preprocessing.for_checkpoint(meta)
+    crop = prep.crop_args()
+    x = prep(image)
     with torch.no_grad():
         logits, attentions = model(x, return_attention=True)
     label = meta["class_names"][logits.argmax(-1).item()]
@@ -351,14 +373,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     views = {
         "patches.png": grid,
         "patch_sequence.png": strip,
-        "position_similarity.png": V.plot_position_embedding_similarity(V.position_embedding_similarity(model)),
-        "rollout.png": V.overlay(image, V.attention_rollout(attentions, args.head_fusion, args.discard_ratio)[0],
+        "position_similarity.png": V.plot_position_embedding_similarity(E.position_embedding_similarity(model)),
+        "rollout.png": V.overlay(image, E.attention_rollout(attentions, args.head_fusion, args.discard_ratio)[0],
                                  size=shown, **crop),
-        "gradient_rollout.png": V.overlay(image, V.gradient_rollout(model, x)[0], size=shown, **crop),
-        "attention_distance.png": V.plot_mean_attention_distance(V.mean_attention_distance(attentions, patch), size),
-        "embedding_filters.png": V.plot_patch_embedding_components(V.patch_embedding_components(model)),
+        "gradient_rollout.png": V.overlay(image, E.gradient_rollout(model, x)[0], size=shown, **crop),
+        "attention_distance.png": V.plot_mean_attention_distance(E.mean_attention_distance(attentions, patch), size),
+        "embedding_filters.png": V.plot_patch_embedding_components(E.patch_embedding_components(model)),
     }
-    last = V.token_attention(attentions, layer=len(attentions) - 1)[0]  # class token, last layer, per head
+    last = E.token_attention(attentions, layer=len(attentions) - 1)[0]  # class token, last layer, per head
     views["heads_last_layer.png"] = V.image_row([V.heatmap(m, size=96) for m in last])
     for name, view in views.items():
         (view if hasattr(view, "save") else V.figure_to_image(view)).save(out / name)
@@ -378,27 +400,19 @@ def cmd_fit_ood(args: argparse.Namespace) -> int:
     from .checkpoint import update_metadata
 
     model, meta = load_checkpoint(args.checkpoint)
-    chosen = {}
-    for name in ("val_size", "split_seed"):
-        given, recorded = getattr(args, name), meta.get(name)
-        option = "--" + name.replace("_", "-")
-        if given is not None and recorded is not None and float(given) != float(recorded):
-            # Held-out images of another split would include images the model was trained on.
-            raise ValueError(f"{option} {given:g} is not the split the model was trained with ({recorded:g}); "
-                             f"leave {option} out to use the recorded one")
-        chosen[name] = given if given is not None else recorded
-        if chosen[name] is None:
-            raise ValueError(f"the checkpoint does not record its validation split: give {option} as it was "
-                             f"trained (the held-out images must be images it was not trained on)")
-    if not chosen["val_size"]:
-        raise ValueError("the model was trained without held-out images (val_size 0): the threshold needs "
-                         "images it was not trained on")
-    data, _, _ = load_data(args.data, meta["image_size"], args.data_root, args.download, seed=meta.get("seed", 0))
-    if list(data.class_names) != list(meta["class_names"]):
-        raise DataError(f"the data's classes {data.class_names} are not the model's {meta['class_names']}")
-    train_data, val_data = split(data, chosen["val_size"], int(chosen["split_seed"]))
+    run, data = run_images(args, meta)
+    check_classes(data, meta)
+    if run is None and (meta.get("val_size") is None and args.val_size is None
+                        or meta.get("split_seed") is None and args.split_seed is None):
+        raise ValueError("the checkpoint does not record its validation split: give --val-size and --split-seed "
+                         "as it was trained (the held-out images must be images it was not trained on)")
+    if run is None:
+        raise ValueError(f"--data {args.data} holds other images than the model was trained on: the statistics "
+                         f"describe its training images, and the threshold needs its held-out ones")
+    train_data, val_data = run.train, run.val
+    prep = run.preprocessing
     model.to(select_device(args.device))
-    stats = ood.fit(model, train_data, val_data, meta, false_alarm_rate=args.false_alarm_rate)
+    stats = ood.fit(model, train_data, val_data, prep, false_alarm_rate=args.false_alarm_rate)
     path = update_metadata(args.checkpoint, ood=stats)
     calibration = stats["calibration"]
     print(f"fitted on {calibration['train_images']} training images; threshold {stats['threshold']:.4f} flags "
@@ -412,15 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = support.Parser(prog=support.program_name(), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def data_options(p: argparse.ArgumentParser) -> None:
+    def data_options(p: argparse.ArgumentParser, training: bool = True) -> None:
         p.add_argument("--data", required=True,
                        help="'synthetic' (built in, offline), 'cifar10' (torchvision's copy in --data-root), "
                             "a directory of class folders (root/<class>/<image>), or a .zip of them")
         p.add_argument("--data-root", default="data", help="where torchvision's CIFAR-10 lives (default: data)")
         p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing (needs internet)")
-        p.add_argument("--val-size", type=float, default=0.1,
-                       help="validation images: a count if >= 1, else a fraction (default 0.1; 0 = none)")
-        p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default 0)")
+        if training:
+            p.add_argument("--val-size", type=float, default=0.1,
+                           help="validation images: a count if >= 1, else a fraction (default 0.1; 0 = none)")
+            p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default 0)")
+        else:
+            p.add_argument("--val-size", type=float,
+                           help="on the model's training data: its recorded validation split (the default; another "
+                                "is refused); on other data: score this split's validation images, not all")
+            p.add_argument("--split-seed", type=int, help="seed of that split (default: the recorded one, else 0)")
         p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
 
     def runtime_options(p: argparse.ArgumentParser) -> None:
@@ -488,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint",
-                       description="Accuracy, per-class accuracy and confusion matrix of a checkpoint on the held-out "
-                                   "part of a data set (give --val-size and --split-seed as in training).")
+                       description="Accuracy, per-class accuracy and confusion matrix of a checkpoint: on the data it "
+                                   "was trained on, its held-out images (the split its run recorded); on other data, "
+                                   "every image.")
     e.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped model)")
-    data_options(e)
+    data_options(e, training=False)
     e.add_argument("--limit", type=int, help="evaluate only N validation images, each class in proportion (seed 0)")
     runtime_options(e)
     e.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and (from the checkpoint's "

@@ -33,7 +33,7 @@ from . import ood
 from .augment import BatchAugment, MixUpCutMix, soft_cross_entropy
 from .checkpoint import WEIGHTS_NAME, atomic_write, save_checkpoint, unwrap
 from .cpu_linear import LinearKernels, bf16_pays, onednn_pays
-from .data import ImageData, iterate_batches, normalize
+from .data import ImageData, Preprocessing, iterate_batches, normalize
 from .model import VisionTransformer
 
 STATE_NAME = "train_state.pt"
@@ -392,7 +392,7 @@ def train(
     val_data: ImageData | None,
     recipe: Recipe,
     *,
-    preprocess: dict[str, Any],
+    preprocess: Preprocessing,
     out_dir: str | Path | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -411,8 +411,8 @@ def train(
     see `vitdemo.checkpoint`) and `train_state.pt` (optimiser, schedule, epoch, history), and
     `resume=True` continues from them. With the recipe's `ema_decay`, the moving average of the
     weights is validated every epoch too and written as its own checkpoint in `out_dir/ema/`.
-    `preprocess` (see `vitdemo.checkpoint.preprocessing`) gives the normalisation and is stored
-    with the model, as is `metadata` (any JSON-able facts, e.g. the data source). With
+    `preprocess` is the model's `Preprocessing`: the data must be at its crop, it gives the
+    normalisation, and it is stored with the model, as is `metadata` (any JSON-able facts, e.g. the data source). With
     `freeze_backbone`, only the head is trained, on class-token features computed once. Yields
     `StepEvent`s every `log_every` steps, a `ValidationEvent` every `val_every` steps inside an
     epoch (if given), an `EpochEvent` per epoch and a final `DoneEvent`.
@@ -436,9 +436,13 @@ def train(
     out_dir = Path(out_dir) if out_dir is not None else None
     model.to(device)
     base = unwrap(model)
-    mean, std = preprocess["mean"], preprocess["std"]
+    mean, std = preprocess.mean, preprocess.std
     if len(train_data) == 0:
         raise ValueError("the training set is empty")
+    for name, data in (("training", train_data), ("validation", val_data)):
+        if data is not None and tuple(data.images.shape[-2:]) != (preprocess.image_size,) * 2:
+            raise ValueError(f"the {name} images are {tuple(data.images.shape[-2:])} pixels, not the model's crop of "
+                             f"{preprocess.image_size} x {preprocess.image_size} (vitdemo.data.training_data makes it)")
 
     # What is optimised, and what it reads: images (augmented on the batch) or cached features.
     augment = mixer = None

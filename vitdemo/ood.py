@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from .data import ImageData, iterate_batches, normalize
+from .data import ImageData, Preprocessing, iterate_batches, normalize
 
 METHOD = "mahalanobis-shared-covariance"
 FEATURES = {"pre_norm": "class token entering the final LayerNorm (z_L^0)",
@@ -198,7 +198,7 @@ def fit(
     model: nn.Module,
     train_data: ImageData,
     val_data: ImageData,
-    preprocess: dict[str, Any],
+    preprocess: Preprocessing,
     false_alarm_rate: float = 0.05,
     feature: str = "pre_norm",
     batch_size: int = 256,
@@ -207,8 +207,8 @@ def fit(
 
     Class means and the shared covariance come from `train_data` (see `fit_gaussians`); the
     threshold is calibrated on `val_data`, held-out images the model was not trained on, so that
-    at most `false_alarm_rate` of them are flagged. `preprocess` gives the normalisation (`mean`,
-    `std`; see `vitdemo.checkpoint.preprocessing`); `feature` is `"pre_norm"` or `"post_norm"`
+    at most `false_alarm_rate` of them are flagged. `preprocess` (the model's `Preprocessing`) gives
+    the normalisation; `feature` is `"pre_norm"` or `"post_norm"`
     (see `features`).
     """
     from .checkpoint import unwrap
@@ -218,7 +218,7 @@ def fit(
         raise ValueError("fitting out-of-distribution statistics needs held-out images (a validation split)")
     if len(train_data) == 0:
         raise ValueError("fitting out-of-distribution statistics needs training images")
-    mean, std = preprocess["mean"], preprocess["std"]
+    mean, std = preprocess.mean, preprocess.std
     means, whitening = fit_gaussians(_data_features(base, train_data, mean, std, feature, batch_size),
                                      train_data.labels)
     stats = {"method": METHOD, "feature": feature, "feature_description": FEATURES[feature],

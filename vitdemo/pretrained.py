@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .checkpoint import preprocessing
+from .data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, HALF, Preprocessing
 from .convert import convert_state_dict
 from .model import VisionTransformer
 from . import create_model
@@ -117,8 +117,8 @@ def download_failure(err: BaseException) -> str | None:
 
 FETCHERS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {"torchvision": _fetch_torchvision, "timm": _fetch_timm}
 PREPROCESSING = {
-    "torchvision": preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), resize=256, interpolation="bilinear"),
-    "timm": preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize=248, interpolation="bicubic"),
+    "torchvision": Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, resize=256, interpolation="bilinear"),
+    "timm": Preprocessing(224, HALF, HALF, resize=248, interpolation="bicubic"),
 }
 
 
@@ -140,5 +140,5 @@ def load_pretrained(source: str = "torchvision") -> tuple[VisionTransformer, dic
     model = create_model("vit_b_16", num_classes=1000)
     model.load_state_dict(convert_state_dict(state, source), strict=True)
     metadata = {"config": model.config.to_dict(), "class_names": imagenet_class_names(),
-                "source": source, **PREPROCESSING[source]}
+                "source": source, **PREPROCESSING[source].to_dict()}
     return model.eval(), metadata

@@ -26,7 +26,7 @@ from PIL import Image
 from .. import get_config
 from ..checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, read_metadata
 from ..config import ViTConfig
-from ..data import preprocess
+from ..data import Preprocessing
 from ..engine import Recipe
 from ..model import VisionTransformer
 from ..pretrained import PREPROCESSING as PRETRAINED_PREPROCESSING
@@ -201,7 +201,7 @@ def model_spec(name: str | None) -> tuple[ViTConfig, dict[str, Any]]:
     if name == PRETRAINED:
         config = get_config("vit_b_16", num_classes=1000)
         meta = {"config": config.to_dict(), "class_names": imagenet_class_names(), "source": PRETRAINED_SOURCE,
-                **PRETRAINED_PREPROCESSING[PRETRAINED_SOURCE]}
+                **PRETRAINED_PREPROCESSING[PRETRAINED_SOURCE].to_dict()}
         return config, meta
     raise ModelUnavailable(f"Unknown model {name!r}; choose one of {MODELS.choices()}.")
 
@@ -230,14 +230,15 @@ def if_available(fn: Callable, empty: tuple, note: int | None = None) -> Callabl
 
 def model_input(image: Image.Image, meta: dict[str, Any]) -> torch.Tensor:
     """The normalised (1, 3, S, S) tensor the model expects, with its own preprocessing."""
-    return preprocess(image, meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
-                      interpolation=meta.get("interpolation", "bicubic"))
+    return Preprocessing.for_checkpoint(meta)(image)
 
 
 def crop_of(meta: dict[str, Any]) -> dict[str, Any]:
     """The model's crop settings, for the library's pictures (`visualize.overlay`, `patch_grid`):
     every picture is drawn over exactly the pixels the model read (`vitdemo.data.model_crop`)."""
-    return {"resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
+    crop = Preprocessing.for_checkpoint(meta).crop_args()
+    del crop["image_size"]  # the pictures take it from the model's config
+    return crop
 
 
 # ---------------------------------------------------------------------------------------------

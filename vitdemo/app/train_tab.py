@@ -10,8 +10,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from ..checkpoint import preprocessing
-from ..data import DataError
+from ..data import DataError, Preprocessing
 from ..engine import EpochEvent, StepEvent, ValidationEvent
 from ..model import VisionTransformer
 from . import models, training
@@ -25,7 +24,7 @@ PATCHES = (4, 8)
 BATCH_SIZES = (32, 64, 128, 256)
 LR_RANGE = (1e-5, 1e-2)
 
-# Each source's defaults, measured on 2 CPU cores with `python benchmarks/bench.py train-tab`:
+# Each source's defaults, measured on 2 CPU cores with `python benchmarks/train_tab.py`:
 # the shapes reach 90% validation accuracy in well under a minute, CIFAR-10 50% within 3 minutes.
 DEFAULTS: dict[str, dict[str, Any]] = {
     SRC_SYNTHETIC: {"per_class": 4000, "patch": 8, "depth": 4, "width": 96, "epochs": 5, "lr": 3e-3, "batch": 128},
@@ -74,11 +73,11 @@ def _prepare(source: str, zip_file: Any, settings: dict[str, Any], finetune: boo
                          "no trained backbone to keep.")
     recipe = training.recipe_for(settings["epochs"], settings["lr"], settings["batch_size"])
     if not finetune:
-        data, mean, std, name = training.load_training_data(source, zip_file, settings["per_class"])
-        model = training.new_model(data.num_classes, settings["patch"], settings["depth"], settings["width"])
-        prep = preprocessing(training.IMAGE_SIZE, mean, std)
-        what = f"{name}, {data.num_classes} classes, ViT {settings['depth']}x{settings['width']}/{settings['patch']}"
-        return training.new_run(model, data, prep, recipe, what, name), False
+        data, name = training.load_training_data(source, zip_file, settings["per_class"])
+        classes = len(data.class_names)
+        model = training.new_model(classes, settings["patch"], settings["depth"], settings["width"])
+        what = f"{name}, {classes} classes, ViT {settings['depth']}x{settings['width']}/{settings['patch']}"
+        return training.new_run(model, data, recipe, what, name), False
     base = models.entry(model_name)
     params = sum(p.numel() for p in base.model.parameters())
     big = params > training.MAX_FULL_FINETUNE_PARAMS
@@ -87,13 +86,14 @@ def _prepare(source: str, zip_file: Any, settings: dict[str, Any], finetune: boo
                          f"tick 'Freeze the backbone' to train only the head.")
     # A frozen big backbone computes every image's features once, before the first step, and
     # that cannot be stopped: keep it short.
-    data, _, _, name = training.load_training_data(
-        source, zip_file, settings["per_class"], base.model.config.image_size[0],
-        max_images=training.MAX_BIG_FINETUNE_IMAGES if big else 1_000_000, prep=base.meta)
-    model, prep = training.finetune_model(base, data.num_classes)
+    data, name = training.load_training_data(
+        source, zip_file, settings["per_class"], Preprocessing.for_checkpoint(base.meta),
+        base.model.config.image_size[0], max_images=training.MAX_BIG_FINETUNE_IMAGES if big else 1_000_000)
+    model = training.finetune_model(base, len(data.class_names))
     parent = model_name.split(":")[0] if model_name.startswith("Run ") else model_name.split(" (")[0]
-    what = f"{name}, {data.num_classes} classes, fine-tuned from {parent}" + (" (head only)" if freeze_backbone else "")
-    return training.new_run(model, data, prep, recipe, what, name), freeze_backbone
+    what = (f"{name}, {len(data.class_names)} classes, fine-tuned from {parent}"
+            + (" (head only)" if freeze_backbone else ""))
+    return training.new_run(model, data, recipe, what, name), freeze_backbone
 
 
 def _status(run: Run, event: Any, steps_after: int = 0) -> str:
@@ -219,17 +219,18 @@ def compare_run(source: str = SRC_SYNTHETIC, zip_file: Any = None, model_name: s
         if sum(p.numel() for p in base.model.parameters()) > training.MAX_FULL_FINETUNE_PARAMS:
             raise user_error(f"{model_name} is too large to train twice on this CPU; pick the shipped model "
                              f"or a model trained here.")
-        image_size = base.model.config.image_size[0]
-        data, _, _, name = training.load_training_data(source, zip_file, COMPARE_PER_CLASS, image_size,
-                                                       prep=base.meta)
-        split = {"val_share": COMPARE_VAL_SHARE}
+        # Both on the same pixels, the picked model's crop and normalisation: only the start differs.
+        data, name = training.load_training_data(source, zip_file, COMPARE_PER_CLASS,
+                                                 Preprocessing.for_checkpoint(base.meta),
+                                                 base.model.config.image_size[0], val_share=COMPARE_VAL_SHARE)
+        classes = len(data.class_names)
         recipe = training.recipe_for(COMPARE_EPOCHS, 1e-3, 32)
-        tuned, prep = training.finetune_model(base, data.num_classes)
+        tuned = training.finetune_model(base, classes)
         with training.fixed_seed():
-            scratch = VisionTransformer(base.model.config.replace(num_classes=data.num_classes))
-        label = f"{name}, {data.num_classes} classes, {COMPARE_PER_CLASS} images each"
-        runs = [training.new_run(scratch, data, prep, recipe, f"{label}, {SCRATCH}", name, f"{SCRATCH}: ", **split),
-                training.new_run(tuned, data, prep, recipe, f"{label}, {FINETUNED}", name, f"{FINETUNED}: ", **split)]
+            scratch = VisionTransformer(base.model.config.replace(num_classes=classes))
+        label = f"{name}, {classes} classes, {COMPARE_PER_CLASS} images each"
+        runs = [training.new_run(scratch, data, recipe, f"{label}, {SCRATCH}", name, f"{SCRATCH}: "),
+                training.new_run(tuned, data, recipe, f"{label}, {FINETUNED}", name, f"{FINETUNED}: ")]
     except Exception as err:  # noqa: BLE001
         message = for_users(_failed_start(err))
         yield empty, empty, f"**Not started:** {message}", gr.skip(), None

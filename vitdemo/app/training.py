@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import os
 import queue
 import shutil
@@ -30,19 +29,8 @@ import pandas as pd
 import torch
 
 from .. import __version__, create_model, ood
-from ..checkpoint import preprocessing, read_metadata, save_checkpoint
-from ..data import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    DataError,
-    ImageData,
-    load_cifar10,
-    load_image_folder,
-    load_zip,
-    model_crop_batch,
-    stratified_split,
-    synthetic_shapes,
-)
+from ..checkpoint import read_metadata, save_checkpoint
+from ..data import CIFAR10, SYNTHETIC, DataError, ImageData, Preprocessing, TrainingData, num_batches, training_data
 from ..engine import RECIPES, DoneEvent, EpochEvent, Recipe, StepEvent, TrainingError, ValidationEvent, evaluate
 from ..engine import train as engine_train
 from ..model import VisionTransformer
@@ -54,7 +42,6 @@ SRC_SYNTHETIC = "Synthetic shapes (built-in, offline)"
 SRC_CIFAR = "CIFAR-10 (local folder, else torchvision download)"
 SRC_ZIP = "Uploaded .zip of class folders"
 SOURCES = (SRC_SYNTHETIC, SRC_CIFAR, SRC_ZIP)
-HALF = (0.5, 0.5, 0.5)
 IMAGE_SIZE = 32  # new models read 32 px images: CIFAR-10's size, and the shapes are drawn at it
 SHAPE_CLASSES = 4
 VAL_SHARE = 0.1  # of the images, held out for the validation curve
@@ -92,69 +79,64 @@ def torchvision_cifar_root() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def shapes(per_class: int, seed: int = 0) -> ImageData:
-    """The built-in shapes, drawn once per server and size (a few seconds for 12,000)."""
-    return synthetic_shapes(num_classes=SHAPE_CLASSES, per_class=per_class, image_size=IMAGE_SIZE, seed=seed)
+# The built-in shapes and a local CIFAR-10 folder are loaded once per server and model crop
+# (seconds each); zips are new uploads every time.
+_cached_training_data = functools.lru_cache(maxsize=2)(training_data)
 
 
-@functools.lru_cache(maxsize=1)
-def _local_cifar(folder: str, per_class: int) -> ImageData:
-    return load_image_folder(folder, IMAGE_SIZE, max_images_per_class=per_class, progress=False)
+def _load(source: str, start: Preprocessing | None, image_size: int, **options: Any) -> TrainingData:
+    options.update(image_size=image_size, start=start, max_val_images=MAX_VAL_IMAGES)
+    if source == SYNTHETIC or Path(source).is_dir():
+        return _cached_training_data(source, **options)
+    return training_data(source, **options)
 
 
-def per_class_subset(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
-    """At most `per_class` images of each class, drawn at random (seeded)."""
-    generator = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in range(data.num_classes):
-        members = torch.nonzero(data.labels == c).flatten()
-        keep.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
-    return data.subset(torch.sort(torch.cat(keep)).values)
-
-
-def load_cifar(per_class: int) -> tuple[ImageData, str]:
-    """CIFAR-10 from a local image folder if there is one, else torchvision's download."""
+def _cifar_source() -> tuple[str, dict[str, Any]]:
+    """A local folder of CIFAR-10 if there is one, else torchvision's copy (downloaded once)."""
     for folder in cifar_folders():
         if folder.is_dir():
-            return _local_cifar(str(folder), per_class), "CIFAR-10"
+            return str(folder), {}
     if (failed := models.MODELS.failure(SRC_CIFAR)) is not None:
         raise user_error(failed)
-    try:
-        full = load_cifar10(torchvision_cifar_root(), train=True, download=True)
-    except DataError as err:
-        cause = err.__cause__ or err
-        why = download_failure(cause) or str(err)
-        where = f"`{str(cache_dir() / 'cifar10' / 'train').replace(str(Path.home()), '~', 1)}`"  # documented
-        message = (f"CIFAR-10 is not on this server and could not be downloaded: {why}. Put CIFAR-10's "
-                   f"training images as class folders in {where} "
-                   f"(or set VITDEMO_CIFAR10 to such a folder), or use the built-in shapes or a .zip of class "
-                   f"folders. The download is not tried again for {round(models.PRETRAINED_RETRY_SECONDS / 60)} "
-                   f"minutes.")
-        models.MODELS.remember_failure(SRC_CIFAR, message)
-        raise user_error(message) from None
-    return per_class_subset(full, per_class), "CIFAR-10"
+    return CIFAR10, {"data_root": torchvision_cifar_root(), "download": True}
 
 
-def load_training_data(source: str, zip_file: Any, per_class: int, image_size: int = IMAGE_SIZE,
-                       max_images: int = 1_000_000, prep: dict[str, Any] | None = None,
-                       ) -> tuple[ImageData, tuple, tuple, str]:
-    """(data, mean, std, description) for the tab's data source: at most `per_class` images per
-    class, `max_images` and `MAX_TRAIN_PIXELS` pixels in all, each image made as the model's
-    preprocessing `prep` (if given) will make it at inference. User text never becomes a path:
-    the zip is Gradio's uploaded copy, CIFAR-10 lives in fixed folders."""
+def _cifar_unavailable(err: DataError) -> str:
+    cause = err.__cause__ or err
+    why = download_failure(cause) or str(err)
+    where = f"`{str(cache_dir() / 'cifar10' / 'train').replace(str(Path.home()), '~', 1)}`"  # documented
+    message = (f"CIFAR-10 is not on this server and could not be downloaded: {why}. Put CIFAR-10's "
+               f"training images as class folders in {where} "
+               f"(or set VITDEMO_CIFAR10 to such a folder), or use the built-in shapes or a .zip of class "
+               f"folders. The download is not tried again for {round(models.PRETRAINED_RETRY_SECONDS / 60)} "
+               f"minutes.")
+    models.MODELS.remember_failure(SRC_CIFAR, message)
+    return message
+
+
+def load_training_data(source: str, zip_file: Any, per_class: int, start: Preprocessing | None = None,
+                       image_size: int = IMAGE_SIZE, max_images: int = 1_000_000,
+                       val_share: float = VAL_SHARE) -> tuple[TrainingData, str]:
+    """The tab's data source as training and validation images (`vitdemo.data.training_data`,
+    as the CLI loads them) and its description: at most `per_class` images per class,
+    `max_images` and `MAX_TRAIN_PIXELS` pixels in all. A fine-tuned model passes its `start`
+    preprocessing and trains on the pixels it will be shown; a new model is normalised with its
+    training images' statistics. User text never becomes a path: the zip is Gradio's uploaded
+    copy, CIFAR-10 lives in fixed folders."""
     per_class = clamp(per_class, 2, 5000)
-
-    def fit(classes: int) -> int:  # images per class within the budget
-        return max(2, min(per_class, max_images // classes, MAX_TRAIN_PIXELS // (classes * image_size**2)))
-
-    crop = {"resize": prep.get("resize"), "interpolation": prep.get("interpolation", "bicubic")} if prep else {}
+    budget = {"max_images": max(4, min(max_images, MAX_TRAIN_PIXELS // image_size**2)), "val_size": val_share}
     if source == SRC_SYNTHETIC:
-        data = shapes(fit(SHAPE_CLASSES))
-        return to_model_size(data, image_size, crop), HALF, HALF, "synthetic shapes"
+        data = _load(SYNTHETIC, start, image_size, max_images_per_class=per_class,
+                     synthetic_classes=SHAPE_CLASSES, **budget)
+        return data, "synthetic shapes"
     if source == SRC_CIFAR:
-        data, name = load_cifar(fit(10))
-        return to_model_size(data, image_size, crop), CIFAR_MEAN, CIFAR_STD, name
+        cifar, where = _cifar_source()
+        try:
+            return _load(cifar, start, image_size, max_images_per_class=per_class, **where, **budget), "CIFAR-10"
+        except DataError as err:
+            if cifar != CIFAR10:
+                raise
+            raise user_error(_cifar_unavailable(err)) from None
     if source == SRC_ZIP:
         path = getattr(zip_file, "name", zip_file)  # a path from gr.File(type="filepath") (or a file object)
         if not path:
@@ -163,19 +145,11 @@ def load_training_data(source: str, zip_file: Any, per_class: int, image_size: i
         path = Path(path)
         if path.suffix.lower() != ".zip":
             raise user_error(f"Expected a .zip file, got a {path.suffix or 'file without extension'}.")
-        data = load_zip(path, image_size=image_size, max_total_bytes=MAX_ZIP_BYTES, max_files=MAX_ZIP_FILES,
-                        max_images_per_class=fit(2), progress=False, **crop)
-        if data.num_classes > 2 and len(data) > data.num_classes * fit(data.num_classes):
-            data = per_class_subset(data, fit(data.num_classes))
+        data = _load(str(path), start, image_size, max_images_per_class=per_class, max_total_bytes=MAX_ZIP_BYTES,
+                     max_files=MAX_ZIP_FILES, progress=False, **budget)
         note = f", {len(data.skipped)} unreadable files skipped" if data.skipped else ""
-        return data, HALF, HALF, f"uploaded zip ({len(data)} images{note})"
+        return data, f"uploaded zip ({len(data.train) + len(data.val or [])} images{note})"
     raise user_error(f"Unknown data source {source!r}; choose one of: {', '.join(SOURCES)}.")
-
-
-def to_model_size(data: ImageData, image_size: int, crop: dict[str, Any]) -> ImageData:
-    """Data drawn at 32 px, made as large as a fine-tuned model reads it, through the same crop
-    and resampling as inference, so training and prediction see the same pixels."""
-    return ImageData(model_crop_batch(data.images, image_size, **crop), data.labels, data.class_names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +165,7 @@ class Run:
     folder: Path
     model: VisionTransformer | None  # None once registered
     class_names: list[str]
-    prep: dict[str, Any]
+    prep: Preprocessing
     recipe: Recipe
     description: str  # data and model, for the picker name
     metadata: dict[str, Any]
@@ -239,24 +213,19 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
-def new_run(model: VisionTransformer, data: ImageData, prep: dict[str, Any], recipe: Recipe, description: str,
-            data_name: str, label: str = "", val_share: float = VAL_SHARE) -> Run:
-    """A run of `model` on `data`, split into training and validation images (stratified)."""
-    if data.num_classes < 2:
-        raise user_error("Training needs at least two classes.")
-    val_size = min(MAX_VAL_IMAGES, max(data.num_classes, round(val_share * len(data))))
-    if len(data) - val_size < data.num_classes:
-        raise user_error(f"Too few images to train and validate: {len(data)} for {data.num_classes} classes; "
-                         f"give each class at least 3 images.")
-    train_idx, val_idx = stratified_split(data.labels, val_size, seed=0)
+def new_run(model: VisionTransformer, data: TrainingData, recipe: Recipe, description: str,
+            data_name: str, label: str = "") -> Run:
+    """A run of `model` on `data`'s training and validation images, with its preprocessing."""
+    if data.val is None:
+        raise user_error("Training here needs validation images for its curves.")
     with _RUN_COUNTER_LOCK:
         number = next(_RUN_COUNTER)
     RUNS_ROOT.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS_ROOT))
     metadata = {"data": data_name, "trained_in": f"vitdemo {__version__} app"}
-    run = Run(number, folder, model, list(data.class_names), prep, recipe, description, metadata,
-              data.subset(train_idx), data.subset(val_idx), label)
-    run.total_steps = math.ceil(len(run.train_data) / recipe.batch_size) * recipe.epochs
+    run = Run(number, folder, model, list(data.class_names), data.preprocessing, recipe, description, metadata,
+              data.train, data.val, label)
+    run.total_steps = num_batches(len(run.train_data), recipe.batch_size) * recipe.epochs
     return run
 
 
@@ -276,16 +245,13 @@ def new_model(num_classes: int, patch: int, depth: int, width: int) -> VisionTra
                             embed_dim=width, num_heads=max(1, width // 32), mlp_dim=2 * width)
 
 
-def finetune_model(base: models.Entry, num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
-    """A trainable copy of a model with a new head, and its preprocessing."""
+def finetune_model(base: models.Entry, num_classes: int) -> VisionTransformer:
+    """A trainable copy of a model with a new head (its preprocessing: `models.preprocessing_of`)."""
     model = copy.deepcopy(base.model)
     model.requires_grad_(True)
     with fixed_seed():
         model.reset_classifier(num_classes)
-    meta = base.meta
-    prep = preprocessing(meta["image_size"], meta["mean"], meta["std"], resize=meta.get("resize"),
-                         interpolation=meta.get("interpolation", "bicubic"))
-    return model, prep
+    return model
 
 
 def recipe_for(epochs: int, lr: float, batch_size: int) -> Recipe:
@@ -367,7 +333,7 @@ def starting_point(run: Run) -> tuple[float, float, float, float]:
     """(train loss, train accuracy, validation loss, validation accuracy) before the first step:
     where both curves start (chance, for a new model). The training figures are on up to
     `MAX_VAL_IMAGES` training images spread over the set, without augmentation."""
-    mean, std = run.prep["mean"], run.prep["std"]
+    mean, std = run.prep.mean, run.prep.std
     n = len(run.train_data)
     sample = run.train_data.subset(torch.linspace(0, n - 1, min(n, MAX_VAL_IMAGES)).round().long().unique())
     train_loss, train_acc, _ = evaluate(run.model, sample, mean, std)

@@ -10,12 +10,13 @@ the crop and normalisation of its start, so training and prediction see the same
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .batches import per_class_subset, stratified_split
 from .core import DataError, ImageData
@@ -37,6 +38,7 @@ class TrainingData:
     preprocessing: Preprocessing
     class_names: list[str]
     skipped: list[str]  # "file: reason" for every file of the source not loaded
+    digest: str  # `data_digest` of all the images, before the split (recorded with the model)
 
 
 def crop_for(image_size: int) -> Preprocessing:
@@ -97,8 +99,34 @@ def split(data: ImageData, val_size: int | float, seed: int = 0,
     count = int(val_size) if val_size >= 1 else max(data.num_classes, round(val_size * len(data)))
     if max_val_images is not None:
         count = min(count, max_val_images)
+    if len(data) - count < data.num_classes:
+        raise DataError(f"too few images to train and validate: {len(data)} for {data.num_classes} classes; "
+                        f"give each class at least 3 images")
     train_idx, val_idx = stratified_split(data.labels, count, seed=seed)
     return data.subset(train_idx), data.subset(val_idx)
+
+
+def source_name(source: str | os.PathLike) -> str:
+    """How a run records its source: a built-in name as it is, a folder or zip as an absolute path
+    (a relative one would name another folder from another directory)."""
+    return str(source) if str(source) in (SYNTHETIC, CIFAR10) else str(Path(source).expanduser().resolve())
+
+
+def data_digest(data: ImageData) -> str:
+    """A fingerprint of the images and labels (SHA-256, 16 hex digits): the same data give the
+    same digest wherever they are, so a checkpoint can tell its own training data from others."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(data.class_names)).encode())
+    digest.update(data.labels.contiguous().numpy().tobytes())
+    digest.update(memoryview(data.images.contiguous().numpy()))
+    return digest.hexdigest()[:16]
+
+
+def _crop(image_size: int | None, start: Preprocessing | None) -> Preprocessing:
+    if start is None and image_size is None:
+        raise TypeError("the model's image_size or its starting preprocessing is needed")
+    crop = start if start is not None else crop_for(image_size)
+    return crop.at_size(image_size) if image_size is not None and image_size != crop.image_size else crop
 
 
 def training_data(
@@ -120,19 +148,53 @@ def training_data(
     the training images (measured; the validation images play no part). `max_images` caps the
     total, the same number from each class. `load` goes to `load_source`.
     """
-    if start is None and image_size is None:
-        raise TypeError("training_data needs the model's image_size or its starting preprocessing")
-    crop = start if start is not None else crop_for(image_size)
-    if image_size is not None and image_size != crop.image_size:
-        crop = crop.at_size(image_size)
+    crop = _crop(image_size, start)
     data = load_source(source, crop, **load)
     if max_images is not None and len(data) > max_images:
         data = per_class_subset(data, max(2, max_images // data.num_classes), load.get("seed", 0))
     if data.num_classes < 2:
-        raise DataError(f"training needs at least two classes; {source} has {data.num_classes}")
+        raise DataError(f"training needs at least two classes (a folder each); the data have {data.num_classes}")
     train, val = split(data, val_size, split_seed, max_val_images)
     prep = crop if start is not None else replace(crop, **dict(zip(("mean", "std"), channel_statistics(train.images))))
-    return TrainingData(train, val, prep, list(data.class_names), list(data.skipped))
+    return TrainingData(train, val, prep, list(data.class_names), list(data.skipped), data_digest(data))
 
 
-__all__ = ["CIFAR10", "SYNTHETIC", "TrainingData", "crop_for", "load_source", "split", "training_data"]
+def recorded_limits(meta: dict[str, Any]) -> dict[str, Any]:
+    """The `load_source` options a checkpoint's run loaded its data with."""
+    return {"max_images_per_class": meta.get("max_images_per_class"), "seed": int(meta.get("data_seed", 0))}
+
+
+def run_split(meta: dict[str, Any], data: ImageData, source: str | os.PathLike | None = None) -> TrainingData | None:
+    """The training and held-out images of the run that made a checkpoint, if `data` (loaded at
+    its crop with `recorded_limits`) are the images it trained on: the same digest, or for a
+    checkpoint without one, the same `source`. None for other data, or a split not recorded."""
+    if meta.get("val_size") is None or meta.get("split_seed") is None:
+        return None
+    if meta.get("data_digest") is not None:
+        same = data_digest(data) == meta["data_digest"]
+    else:
+        same = source is not None and meta.get("data") is not None and source_name(source) == source_name(meta["data"])
+    if not same:
+        return None
+    train, val = split(data, meta["val_size"], int(meta["split_seed"]))
+    return TrainingData(train, val, Preprocessing.for_checkpoint(meta), list(data.class_names), list(data.skipped),
+                        data_digest(data))
+
+
+def checkpoint_data(meta: dict[str, Any], source: str | os.PathLike | None = None, **load: Any) -> TrainingData:
+    """The training and held-out images of the run that made a checkpoint, from its recorded data
+    or from `source` (the same data in another place). `load` goes to `load_source`
+    (`data_root`, `download`). Raises `DataError` if they are not its data or it recorded no split."""
+    source = source if source is not None else meta.get("data")
+    if source is None:
+        raise DataError("the checkpoint does not record its data: give the source")
+    data = load_source(source, Preprocessing.for_checkpoint(meta), **recorded_limits(meta), **load)
+    run = run_split(meta, data, source)
+    if run is None:
+        raise DataError(f"{Path(str(source)).name} is not the data the checkpoint's run recorded, or it recorded no "
+                        f"validation split")
+    return run
+
+
+__all__ = ["CIFAR10", "SYNTHETIC", "TrainingData", "checkpoint_data", "crop_for", "data_digest", "load_source",
+           "recorded_limits", "run_split", "source_name", "split", "training_data"]
