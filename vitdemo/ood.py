@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from .data import ImageData, Preprocessing, iterate_batches, normalize
+from .explanations import min_max
 
 METHOD = "mahalanobis-shared-covariance"
 FEATURES = {"pre_norm": "class token entering the final LayerNorm (z_L^0)",
@@ -272,7 +273,7 @@ def unlike_image(kind: str, rng: np.random.Generator, size: int = 96) -> Image.I
         y, x = np.indices((size, size)) / (size - 1)
         angle = rng.uniform(0, 2 * np.pi)
         u = np.cos(angle) * x + np.sin(angle) * y
-        u = ((u - u.min()) / (u.max() - u.min()))[..., None]  # 0 to 1 along a random direction
+        u = min_max(u)[..., None]  # 0 to 1 along a random direction
         a, b = np.array(colour(), float), np.array(colour(), float)
         return Image.fromarray(np.rint(a * (1 - u) + b * u).astype(np.uint8))
     if kind == "text":

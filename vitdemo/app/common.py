@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..checkpoint import CheckpointError
-from ..data import DataError, decode_rgb, is_bad_image_error
+from ..data import DataError, decode_rgb, pillow_errors
 from ..engine import TrainingError
 
 log = logging.getLogger("vitdemo.app")
@@ -106,19 +106,18 @@ def _decode_upload(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     @functools.wraps(decode)
     def preprocess(payload: Any) -> Any:
         try:
-            return decode(payload)
-        except gr.Error:
-            raise
-        except Image.DecompressionBombError:
-            raise user_error(f"The image is far too large (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels); "
-                             f"the limit is {MAX_PIXELS:,} pixels.") from None
-        except Image.UnidentifiedImageError:
-            raise user_error("That file is not an image that can be read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...).") from None
-        except Exception as err:
-            if not is_bad_image_error(err):
-                raise  # the server's problem or a bug, not the file's: `user_errors` logs it
+            with pillow_errors():  # the server's problem or a bug is not the file's: `user_errors` logs it
+                return decode(payload)
+        except DataError as err:
+            cause = err.__cause__
+            if isinstance(cause, Image.DecompressionBombError):
+                raise user_error(f"The image is far too large (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels); "
+                                 f"the limit is {MAX_PIXELS:,} pixels.") from None
+            if isinstance(cause, Image.UnidentifiedImageError):
+                raise user_error("That file is not an image that can be read (PNG, JPEG, WebP, GIF, BMP, TIFF, "
+                                 "...).") from None
             raise user_error(f"The image could not be read; is the file corrupt or truncated? "
-                             f"({type(err).__name__})") from None
+                             f"({type(cause or err).__name__})") from None
 
     return preprocess
 

@@ -21,7 +21,7 @@ from .batches import iterate_batches, num_batches, per_class_subset, stratified_
 from .core import DataError, ImageData
 from .datasets import CIFAR10_CLASSES, SHAPES, load_cifar10, synthetic_shapes
 from .folders import load_image_folder, load_zip, safe_extract_zip
-from .images import decode_rgb, is_bad_image_error, load_image, to_rgb
+from .images import decode_rgb, is_bad_image_error, load_image, pillow_errors, to_rgb
 from .preprocessing import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -81,6 +81,7 @@ __all__ = [
     "normalize",
     "num_batches",
     "per_class_subset",
+    "pillow_errors",
     "preprocess",
     "recorded_limits",
     "run_split",

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .core import DataError, ImageData
-from .images import _open_rgb, is_bad_image_error
+from .images import _open_rgb, pillow_errors
 from .preprocessing import model_crop
 
 
@@ -94,12 +94,10 @@ def _auto_workers(sample: list[Path]) -> int:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the loader reports those
         for path in sample:
             try:
-                with Image.open(path) as image:  # reads the header only
+                with pillow_errors(), Image.open(path) as image:  # reads the header only
                     pixels.append(image.width * image.height)
-            except Exception as exc:
-                if not isinstance(exc, OSError) and not is_bad_image_error(exc):
-                    raise
-                continue  # a bad or unreadable file: the loader reports it
+            except (DataError, OSError):  # a bad or unreadable file: the loader reports it
+                continue
     if not pixels or sorted(pixels)[len(pixels) // 2] < 128 * 128:
         return 1
     return min(8, (os.cpu_count() or 1) + 2)  # a few extra threads cover waiting on file reads

@@ -4,11 +4,13 @@ EXIF orientation), decode it fully and convert it to 8-bit RGB; and the words fo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from typing import IO
 
 import numpy as np
@@ -73,35 +75,38 @@ def is_bad_image_error(exc: BaseException) -> bool:
     return isinstance(exc, (DataError, *_PILLOW_DATA_ERRORS))
 
 
+@contextlib.contextmanager
+def pillow_errors() -> Iterator[None]:
+    """Around Pillow's own calls: what blames the image's bytes (`is_bad_image_error`) becomes a
+    `DataError` saying what is wrong, its cause kept; anything else propagates as it is."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_bad_image_error(exc):
+            raise
+        raise DataError(_describe(exc)) from exc
+
+
 def decode_rgb(image: Image.Image) -> Image.Image:
     """An opened image (Pillow decodes lazily) decoded fully, so that truncated data fail here,
     turned upright (EXIF orientation) and converted to 8-bit RGB (`to_rgb`).
 
     Bad image data raise `DataError` saying what is wrong; anything else (a MemoryError, an
     error of the file system, a bug) propagates as it is."""
-    try:
+    with pillow_errors():
         _check_bomb(image)
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
-    except Exception as exc:
-        if not is_bad_image_error(exc):
-            raise
-        raise DataError(_describe(exc)) from exc
     return to_rgb(image)
 
 
 def _open_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
     """Open and `decode_rgb` one image. `DataError` for bad image data; an OSError with an errno
     (file missing, permission denied) and anything else propagate."""
-    try:
+    with pillow_errors():
         opened = Image.open(source)
-    except Exception as exc:
-        if not is_bad_image_error(exc):
-            raise
-        raise DataError(_describe(exc)) from exc
     with opened as image:
         return decode_rgb(image)
-
 
 
 def _describe(exc: BaseException) -> str:
