@@ -98,7 +98,7 @@ def test_training_steps_follow_the_same_path_as_pytorchs_kernels():
 
 @pytest.mark.parametrize("pays", [True, False])
 def test_engine_trains_with_onednn_where_it_pays_and_hands_back_a_plain_model(monkeypatch, pays):
-    monkeypatch.setattr(engine, "onednn_pays", lambda: pays)
+    monkeypatch.setattr(engine.run, "onednn_pays", lambda: pays)  # where set_up reads it
     calls = []
     real = cpu_linear._product
     monkeypatch.setattr(cpu_linear, "_product", lambda *a: calls.append(1) or real(*a))

@@ -101,7 +101,7 @@ def test_nan_loss_stops_with_clear_message(shapes):
 def test_read_back_sums_pending_steps_and_names_the_first_bad_one():
     # On a GPU the loop reads losses back once per log interval; the sums and the step named in
     # the error must be those of reading every step.
-    from vitdemo.engine import _read_back
+    from vitdemo.engine.loop import _read_back
 
     def pending(*losses):
         return [(torch.tensor(v), torch.tensor(c), 4) for v, c in zip(losses, range(1, len(losses) + 1))]
@@ -151,9 +151,10 @@ def test_resume_with_another_recipe_is_refused(tmp_path, shapes):
 
 def test_auto_precision_is_bf16_on_gpus_and_amx_cpus_only(monkeypatch):
     from vitdemo import engine
+    from vitdemo.engine import devices
 
     for pays, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(engine, "bf16_pays", lambda pays=pays: pays)
+        monkeypatch.setattr(devices, "bf16_pays", lambda pays=pays: pays)
         assert engine.resolve_precision("auto", torch.device("cpu")) == expected
     assert engine.resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert engine.resolve_precision("fp32", torch.device("cuda")) == "fp32"
@@ -256,7 +257,7 @@ def test_empty_training_set(shapes):
 
 
 def test_augmenting_batches_ahead_augments_each_image_once_and_keeps_the_order():
-    from vitdemo.engine import _augmented
+    from vitdemo.engine.batches import augmented
 
     calls = []
 
@@ -265,7 +266,7 @@ def test_augmenting_batches_ahead_augments_each_image_once_and_keeps_the_order()
         return x.float() + 0.5
 
     batches = [(torch.full((n, 3, 2, 2), i, dtype=torch.uint8), torch.full((n,), i)) for i, n in enumerate([4, 4, 4, 4, 3])]
-    out = list(_augmented(iter(batches), augment, torch.device("cpu"), torch.Generator(), torch.Generator(), ahead=2))
+    out = list(augmented(iter(batches), augment, torch.device("cpu"), torch.Generator(), torch.Generator(), ahead=2))
     assert calls == [8, 8, 3]  # one call per 2 batches, the last one short
     assert [len(y) for _, y in out] == [4, 4, 4, 4, 3]
     for i, (x, y) in enumerate(out):

@@ -1,5 +1,5 @@
 """vitdemo.ood: the Mahalanobis out-of-distribution score, its fitting, and its statistics in
-checkpoints (the shipped CIFAR-10 model's, the engine's, and the fit-ood command's)."""
+checkpoints (the shipped CIFAR-10 model's, a command-line run's, and the fit-ood command's)."""
 
 import math
 import tarfile
@@ -14,7 +14,15 @@ from vitdemo.data import Preprocessing
 from vitdemo import ood
 from vitdemo.checkpoint import load_checkpoint, read_metadata, save_checkpoint, update_metadata
 from vitdemo.cli import main
-from vitdemo.data import CIFAR10_CLASSES, load_image, normalize, preprocess, stratified_split, synthetic_shapes
+from vitdemo.data import (
+    CIFAR10_CLASSES,
+    checkpoint_data,
+    load_image,
+    normalize,
+    preprocess,
+    stratified_split,
+    synthetic_shapes,
+)
 from vitdemo.engine import RECIPES, train
 from vitdemo.runtime import weights_digest
 
@@ -176,7 +184,7 @@ def test_auroc_is_the_probability_that_an_outside_image_scores_higher():
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: the statistics round trip, the engine fits them, the command rewrites them
+# Checkpoints: the statistics round trip, the train command fits them, fit-ood rewrites them
 # ---------------------------------------------------------------------------------------------
 
 
@@ -202,32 +210,36 @@ def test_update_metadata_keeps_the_weights_bit_for_bit(fitted, shapes, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
 
 
-def test_the_engine_fits_the_statistics_into_the_final_checkpoint(shapes, tmp_path):
-    recipe = RECIPES["small-data"].replace(epochs=2, batch_size=64)
-    epochs_seen = []
-    for event in train(tiny_model(), *shapes, recipe, preprocess=PREP, device="cpu", out_dir=tmp_path):
-        if event.kind == "epoch":
-            epochs_seen.append("ood" in read_metadata(tmp_path))
-    assert epochs_seen == [False, True]  # fitted once, for the finished model
-    model, meta = load_checkpoint(tmp_path)
-    assert meta["ood"]["calibration"]["held_out_images"] == len(shapes[1])
-    held_out = ood.scores(model, normalize(shapes[1].images, PREP.mean, PREP.std), meta)
-    assert (held_out > meta["ood"]["threshold"]).sum().item() == math.floor(0.05 * len(shapes[1]))
-
-
-def test_the_engine_fits_nothing_without_held_out_images(shapes, tmp_path):
-    recipe = RECIPES["small-data"].replace(epochs=1, batch_size=64)
-    list(train(tiny_model(), shapes[0], None, recipe, preprocess=PREP, device="cpu", out_dir=tmp_path))
-    assert "ood" not in read_metadata(tmp_path)
+def test_the_engine_alone_fits_no_statistics(shapes, tmp_path):
+    """`train` leaves them to its caller, which fits them on the finished weights (next tests)."""
+    recipe = RECIPES["small-data"].replace(epochs=2, batch_size=64, ema_decay=0.9)
+    events = list(train(tiny_model(), *shapes, recipe, preprocess=PREP, device="cpu", out_dir=tmp_path))
+    done = events[-1]
+    assert done.checkpoint == tmp_path / "model.safetensors"
+    assert done.ema_checkpoint == tmp_path / "ema" / "model.safetensors"
+    assert not any("ood" in read_metadata(path) for path in (done.checkpoint, done.ema_checkpoint))
 
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["train", "--data", "synthetic", "--out", str(out), "--epochs", "1", "--batch-size", "128",
-                 "--val-size", "200", "--split-seed", "3", "--device", "cpu",
+                 "--val-size", "200", "--split-seed", "3", "--device", "cpu", "--ema", "0.9",
                  "--set", "depth=1", "embed_dim=32", "num_heads=2", "mlp_dim=64"]) == 0
     return out
+
+
+@pytest.mark.parametrize("weights", ["", "ema"])
+def test_a_finished_command_line_run_carries_the_statistics_of_its_weights(cli_run, weights):
+    """The command fits them after training, on the run's own split, for the trained weights and
+    the moving average's each: the means and covariance from the training images, the threshold
+    flagging 5% of the held-out ones."""
+    model, meta = load_checkpoint(cli_run / weights)
+    data = checkpoint_data(meta)
+    assert meta["ood"] == ood.fit(model, data.train, data.val, data.preprocessing)
+    assert meta["ood"]["calibration"] == {"train_images": 1000, "held_out_images": 200, "held_out_flagged": 0.05}
+    if weights:
+        assert meta["ood"]["means"] != read_metadata(cli_run)["ood"]["means"]  # the average's own
 
 
 def test_fit_ood_command_refits_on_the_recorded_split_and_keeps_the_weights(cli_run, capsys):

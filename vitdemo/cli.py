@@ -140,6 +140,8 @@ def _print(*args: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import ood
+    from .checkpoint import update_metadata
     from .visualize import plot_history
 
     support.check_new_run(args.out, args.resume, args.force)  # before any download, data or model
@@ -241,6 +243,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif isinstance(event, DoneEvent) and _is_main():
             if bar is not None:
                 bar.close()
+            if not event.stopped and event.checkpoint is not None and val_data is not None and len(val_data):
+                # The finished model carries its out-of-distribution statistics (vitdemo.ood): means and
+                # covariance from the training images, the threshold from the held-out ones; the moving
+                # average its own, from its checkpoint. The weights in the files stay bit for bit.
+                update_metadata(event.checkpoint, ood=ood.fit(model, train_data, val_data, prep))
+                if event.ema_checkpoint is not None:
+                    average = load_checkpoint(event.ema_checkpoint)[0].to(device)
+                    update_metadata(event.ema_checkpoint, ood=ood.fit(average, train_data, val_data, prep))
             results = {"history": event.history, "seconds": event.seconds, "stopped": event.stopped,
                        "checkpoint": str(event.checkpoint), "recipe": recipe.to_dict(), "parameters": params,
                        "args": {k: v for k, v in vars(args).items() if k != "func"}}

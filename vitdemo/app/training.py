@@ -366,7 +366,7 @@ def finish(run: Run, stopped: bool) -> None:
         acc = f", val {run.last_val[1]:.0%}" if run.last_val is not None else ""
         run.name = f"Run {run.number}: {run.description}{acc} ({state})"
         run.model.to("cpu").eval()
-        try:  # the out-of-distribution statistics, as the engine fits them for the checkpoints it saves
+        try:  # the out-of-distribution statistics, fitted here as the command line fits them after training
             extra["ood"] = ood.fit(run.model, run.train_data, run.val_data, run.prep)
         except (ValueError, RuntimeError) as err:  # e.g. too few images for a covariance: no warning, no failure
             log.warning("run %s: no out-of-distribution statistics (%s)", run.number, err)
