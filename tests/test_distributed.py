@@ -1,6 +1,8 @@
 """Two CPU processes (gloo) train with DistributedDataParallel and end with identical weights, the
-weights one process reaches with the same global batch on the same data."""
+weights one process reaches with the same global batch on the same data; each rank draws its own
+augmentation."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -63,10 +65,10 @@ def test_torchrun_two_cpu_processes_end_identical(tmp_path):
 # 2 * LOCAL_BATCH; DDP averages the gradients, so every step is the single run's step, up to
 # float rounding (sums in another order). Two things would make the runs differ for reasons
 # other than DDP, and are switched off:
-# - augmentation: crops and flips are drawn from a generator seeded by (seed, epoch) alike on
-#   every rank, so a rank's i-th image gets the draw the other rank's i-th image gets, while the
-#   single run draws for a batch twice as long; the same images would get other crops and flips;
-# - dropout and stochastic depth (0 in this model), whose masks come from the global seed.
+# - augmentation: each rank draws crops and flips from a stream of its own (see the last test),
+#   while the single run draws for a batch twice as long from one; the same images would get
+#   other crops and flips;
+# - dropout and stochastic depth (0 in this model), whose masks are each rank's own too.
 # And the step runs in fp32: "auto" is bf16 on a CPU with AMX, whose rounding (about 1e-3 of the
 # weights' change here) would hide a small difference in what the runs compute.
 # SGD rather than AdamW, and no gradient clipping: Adam's update hardly depends on the gradient's
@@ -136,3 +138,48 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
 
     assert farthest(single, initial) > 1e-2
     assert farthest(local_only, single) > 1e-3
+
+
+# Augmentation per rank. Every image of the run is the same picture, so what a rank's model reads
+# differs from the other rank's only by the augmentation drawn (which images a rank gets, the
+# shared batch order, is invisible here; the test above checks it).
+def _augmented_inputs(batch_size):
+    """The batches the model read (augmented and normalised) in one epoch on 64 copies of an image."""
+    model, data, _, prep = _tiny_run(batch_size)
+    data = dataclasses.replace(data, images=data.images[:1].repeat(len(data), 1, 1, 1))
+    recipe = engine.Recipe(**{**DDP_RECIPE, "crop_padding": 4, "flip": True, "epochs": 1}, policy="randaugment",
+                           erasing=0.5, batch_size=batch_size)
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    with torch.random.fork_rng(devices=[]):
+        list(engine.train(model, data, None, recipe, preprocess=prep, seed=3, device="cpu", precision="fp32"))
+    return seen
+
+
+def _augmenting_rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_augmented_inputs(LOCAL_BATCH), os.path.join(out, f"inputs{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_rank_draws_its_own_augmentation_and_rank_0_that_of_one_process(tmp_path):
+    """Seeded alike, the ranks would crop, flip, pick a policy and erase their i-th images alike:
+    the same augmentation repeated on every rank's share of each global batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_augmenting_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"inputs{r}.pt", weights_only=True) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # 32 images a rank, batches of 8
+    for step, (a, b) in enumerate(zip(*ranks)):
+        differing = [i for i in range(LOCAL_BATCH) if not torch.equal(a[i], b[i])]
+        assert len(differing) >= LOCAL_BATCH // 2, f"step {step}: only images {differing} differ"
+    # Rank 0 draws what one process draws (for the same number of images): single-process runs
+    # are unchanged by the rank's part in the seeds.
+    single = _augmented_inputs(LOCAL_BATCH)
+    for a, b in zip(ranks[0], single):
+        assert torch.equal(a, b)

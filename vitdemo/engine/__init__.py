@@ -7,7 +7,8 @@ prints, the app streams into live plots, and `torchrun` runs on several processe
 Closing the generator (or `should_stop()` returning True) stops between two optimiser steps;
 the model then holds the weights of the last completed step and the last epoch's checkpoint
 on disk is intact. Every epoch draws its shuffling, augmentation and dropout randomness from
-`seed` and the epoch number alone, so a resumed run continues exactly the same curve.
+`seed`, the epoch number and the process's rank alone, so a resumed run continues exactly the
+same curve.
 
     recipes.py     Recipe, RECIPES, make_optimizer, warmup_cosine
     loop.py        train: set up, resume, and per epoch train, validate, save
