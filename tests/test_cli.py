@@ -395,11 +395,11 @@ def test_missing_cuda_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_installed_without_the_shipped_model(tmp_path, monkeypatch, capsys):
-    import vitdemo.cli_support
+    import vitdemo.cli.support
 
     img = tmp_path / "red.png"
     Image.new("RGB", (50, 40), (200, 20, 20)).save(img)
-    monkeypatch.setattr(vitdemo.cli_support, "DEFAULT_CHECKPOINT", tmp_path / "none" / "model.safetensors")
+    monkeypatch.setattr(vitdemo.cli.support, "DEFAULT_CHECKPOINT", tmp_path / "none" / "model.safetensors")
     assert main(["predict", str(img)]) == 2
     line = one_error_line(capsys)
     assert "--checkpoint" in line and "pip install -e ." in line
@@ -453,12 +453,12 @@ def test_recipe_defaults_are_in_the_help():
 
 
 def test_int8_runtime_uses_the_shipped_export(tmp_path, monkeypatch, capsys):
-    import vitdemo.cli_support
+    import vitdemo.cli.support
     from vitdemo.checkpoint import DEFAULT_CHECKPOINT
 
     if not (DEFAULT_CHECKPOINT.parent / "model.int8.onnx").is_file():
         pytest.skip("the shipped model's int8 export is not in this checkout")
-    monkeypatch.setattr(vitdemo.cli_support, "prepare", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(vitdemo.cli.support, "prepare", lambda *a, **k: pytest.fail("exported again"))
     img = tmp_path / "red.png"
     Image.new("RGB", (50, 40), (200, 20, 20)).save(img)
     assert main(["predict", str(img), "--runtime", "int8", "--topk", "3"]) == 0
@@ -469,7 +469,7 @@ def test_int8_runtime_uses_the_shipped_export(tmp_path, monkeypatch, capsys):
 def test_int8_runtime_exports_afresh_when_the_file_beside_is_of_other_weights(run_dir, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import vitdemo.cli_support
+    import vitdemo.cli.support
     from vitdemo.checkpoint import DEFAULT_CHECKPOINT
 
     shipped = DEFAULT_CHECKPOINT.parent / "model.int8.onnx"
@@ -484,7 +484,7 @@ def test_int8_runtime_exports_afresh_when_the_file_beside_is_of_other_weights(ru
         prepared.append((runtime, onnx_path))
         return model
 
-    monkeypatch.setattr(vitdemo.cli_support, "prepare", prepare)
+    monkeypatch.setattr(vitdemo.cli.support, "prepare", prepare)
     img = tmp_path / "red.png"
     Image.new("RGB", (50, 40), (200, 20, 20)).save(img)
     assert main(["predict", str(img), "--checkpoint", str(run), "--runtime", "int8"]) == 0

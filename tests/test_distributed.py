@@ -32,12 +32,13 @@ def test_torchrun_two_cpu_processes_end_identical(tmp_path):
     script.write_text(
         "import os, sys, torch\n"
         "import vitdemo.cli as cli\n"
+        "import vitdemo.cli.train as train_command\n"
         "import vitdemo.engine as engine\n"
         "orig = engine.train\n"
         "def spy(model, *a, **k):\n"
         "    yield from orig(model, *a, **k)\n"
         f"    torch.save(model.state_dict(), r'{dump}'.format(rank=os.environ['RANK']))\n"
-        "cli.train = spy\n"
+        "train_command.engine_train = spy\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -168,14 +168,14 @@ def test_set_num_classes_agreeing_with_the_data_is_honoured(tmp_path, monkeypatc
         built.append(model)
         return iter(())
 
-    monkeypatch.setattr(cli, "train", train)
+    monkeypatch.setattr(cli.train, "engine_train", train)
     assert main(["train", "--data", "synthetic", "--out", str(tmp_path), "--device", "cpu",
                  "--set", "num_classes=4", "depth=1", "embed_dim=32", "num_heads=2", "mlp_dim=64"]) == 0
     assert built[0].config.num_classes == 4 and built[0].config.depth == 1
 
 
 def test_set_num_classes_contradicting_the_data_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(cli.train, "engine_train", lambda *a, **k: pytest.fail("trained"))
     assert main(["train", "--data", "synthetic", "--out", str(tmp_path), "--device", "cpu",
                  "--set", "num_classes=6"]) == 2
     line = one_error_line(capsys)

@@ -33,8 +33,10 @@ def no_work(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("work started before the refusal")
 
-    for name in ("training_data", "load_source", "load_checkpoint", "train", "export_onnx"):
-        monkeypatch.setattr(cli, name, reached)
+    for command in (cli.common, *cli.COMMANDS):
+        for name in ("training_data", "load_source", "load_checkpoint", "engine_train", "export_onnx"):
+            if hasattr(command, name):
+                monkeypatch.setattr(command, name, reached)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_train_in_an_empty_new_or_unrelated_folder_goes_ahead(tmp_path, monkeypa
     def reached(*args, **kwargs):
         raise DataError("reached the data")
 
-    monkeypatch.setattr(cli, "training_data", reached)
+    monkeypatch.setattr(cli.train, "training_data", reached)
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
@@ -159,7 +161,7 @@ def test_evaluate_refuses_to_replace_its_files(checkpoint, tmp_path, monkeypatch
     out = tmp_path / "eval"
     out.mkdir()
     (out / "curves.png").write_bytes(OLD)  # e.g. --out given the run's own folder
-    monkeypatch.setattr(cli, "load_source", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    monkeypatch.setattr(cli.common, "load_source", lambda *a, **k: pytest.fail("evaluated before the refusal"))
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", "synthetic", "--out", str(out)]) == 2
     line = one_error_line(capsys)
     assert f"--out {out} already holds curves.png" in line and "--force" in line
@@ -199,11 +201,11 @@ def test_explain_refuses_to_replace_its_views(checkpoint, image, tmp_path, no_wo
 def test_explain_force_replaces_every_view(checkpoint, image, tmp_path, capsys):
     out = tmp_path / "views"
     out.mkdir()
-    for name in cli.EXPLAIN_VIEWS:
+    for name in cli.explain.VIEWS:
         (out / name).write_bytes(OLD)
     assert main(["explain", str(image), "--checkpoint", str(checkpoint), "--out", str(out), "--force"]) == 0
     # What was checked before is exactly what was written.
-    assert sorted(p.name for p in out.iterdir()) == sorted(cli.EXPLAIN_VIEWS)
-    for name in cli.EXPLAIN_VIEWS:
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.explain.VIEWS)
+    for name in cli.explain.VIEWS:
         with Image.open(out / name) as im:
             assert im.size[0] > 10, name

@@ -12,6 +12,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+import vitdemo
 import vitdemo.cli as cli
 from vitdemo.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from vitdemo.cli import main
@@ -55,7 +56,7 @@ def torchvision_crop(path, size, resize, interpolation):
 
 def test_preprocessing_round_trips_through_a_checkpoint(tmp_path):
     prep = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, resize=256, interpolation="bilinear")
-    model = cli.create_model("vit_b_16", num_classes=2, depth=1, embed_dim=32, num_heads=1, mlp_dim=64)
+    model = vitdemo.create_model("vit_b_16", num_classes=2, depth=1, embed_dim=32, num_heads=1, mlp_dim=64)
     path = save_checkpoint(tmp_path / "m.safetensors", model, ["a", "b"], prep)
     meta = read_metadata(path)
     assert Preprocessing.for_checkpoint(meta) == prep
@@ -81,7 +82,7 @@ def test_preprocessing_refuses_what_no_model_can_read(fields, message):
 def test_a_checkpoint_with_bad_preprocessing_is_refused_on_reading(tmp_path):
     from vitdemo.checkpoint import CheckpointError, update_metadata
 
-    model = cli.create_model("vit_cifar_4", num_classes=2, depth=1, embed_dim=32, num_heads=1, mlp_dim=64)
+    model = vitdemo.create_model("vit_cifar_4", num_classes=2, depth=1, embed_dim=32, num_heads=1, mlp_dim=64)
     path = save_checkpoint(tmp_path / "m.safetensors", model, ["a", "b"], Preprocessing(32, (0.5,) * 3, (0.5,) * 3))
     update_metadata(path, resize=16)
     with pytest.raises(CheckpointError, match="invalid preprocessing: resize"):
@@ -111,7 +112,7 @@ def test_channel_statistics_are_the_images_mean_and_std():
 def start_checkpoint(tmp_path):
     """A tiny 224 px model with torchvision's preprocessing (resize 256, bilinear, ImageNet's
     statistics), as `--init-from torchvision` starts from."""
-    model = cli.create_model("vit_b_16", num_classes=3, patch_size=32, depth=1, embed_dim=32, num_heads=1,
+    model = vitdemo.create_model("vit_b_16", num_classes=3, patch_size=32, depth=1, embed_dim=32, num_heads=1,
                              mlp_dim=64)
     prep = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, resize=256, interpolation="bilinear")
     return save_checkpoint(tmp_path / "start" / "model.safetensors", model, ["x", "y", "z"], prep)
@@ -122,13 +123,13 @@ def test_fine_tune_trains_predicts_and_explains_on_the_start_models_pixels(start
     folder = photos(tmp_path / "photos")
     files = sorted(folder.rglob("*.png"))
     seen = {}
-    real_train = cli.train
+    real_train = cli.train.engine_train
 
     def recording_train(model, train_data, val_data, recipe, preprocess, **kwargs):
         seen.update(train=train_data, val=val_data, prep=preprocess)
         return real_train(model, train_data, val_data, recipe, preprocess=preprocess, **kwargs)
 
-    monkeypatch.setattr(cli, "train", recording_train)
+    monkeypatch.setattr(cli.train, "engine_train", recording_train)
     out = tmp_path / "run"
     assert main(["train", "--data", str(folder), "--init-from", str(start_checkpoint), "--out", str(out),
                  "--epochs", "1", "--batch-size", "4", "--val-size", "2", "--device", "cpu"]) == 0

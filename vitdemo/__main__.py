@@ -1,4 +1,4 @@
-"""`python -m vitdemo ...`: see vitdemo/cli.py."""
+"""`python -m vitdemo ...`: see vitdemo/cli/."""
 
 import sys
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch import nn
 from ..augment import BatchAugment, MixUpCutMix
 from ..checkpoint import unwrap
 from ..cpu_linear import LinearKernels, onednn_pays
-from ..data import ImageData, Preprocessing
+from ..data import ImageData, Preprocessing, num_batches
 from ..model import VisionTransformer
 from .average import WeightAverage
 from .devices import rank_and_world, resolve_precision, select_device
@@ -102,7 +101,7 @@ def set_up(model: VisionTransformer, train_data: ImageData, val_data: ImageData 
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    steps_per_epoch = math.ceil(len(train_inputs) / (recipe.batch_size * world))
+    steps_per_epoch = num_batches(len(train_inputs), recipe.batch_size, world_size=world)  # what iterate_batches yields
     total_steps = steps_per_epoch * recipe.epochs
     # On a GPU one fused kernel updates every parameter (instead of a dozen launches per tensor group).
     optimizer = make_optimizer(net, recipe, fused=device.type == "cuda")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_NAME
-from .engine import EMA_DIR, RECIPES, STATE_NAME
-from .runtime import Runtime, load_onnx, prepare
+from ..checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_NAME
+from ..engine import EMA_DIR, RECIPES, STATE_NAME
+from ..runtime import Runtime, load_onnx, prepare
 
 # The int8 export that ships beside a checkpoint (`vitdemo export --int8 --out DIR/model.int8.onnx`).
 SHIPPED_INT8 = "model.int8.onnx"
