@@ -253,6 +253,8 @@ def test_evaluate_scores_exactly_the_runs_held_out_images_wherever_they_are(fold
     # Other images are a test set: every one of them is scored.
     other = photos(tmp_path / "test", classes=("cat", "dog", "owl"), per_class=2, seed=9)
     assert evaluation(capsys, "--checkpoint", str(out), "--data", str(other)).startswith("6 images")
+    # ... or the split asked for: on other data the run's own split is no constraint.
+    assert evaluation(capsys, "--checkpoint", str(out), "--data", str(other), "--val-size", "3").startswith("3 images")
     assert evaluation(capsys, "--checkpoint", str(out), "--data", str(photos(
         tmp_path / "test2", classes=("cat", "dog", "owl"), per_class=5, seed=8))).startswith("15 images")
 

@@ -53,17 +53,17 @@ def run_images(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Training
     prep = Preprocessing.for_checkpoint(meta)
     limits = recorded_limits(meta)
     data = load(args, prep, **limits)
-    split_of = dict(meta)
+    # An older checkpoint that records no split: the one the user gives.
+    split_of = {**meta, **{name: getattr(args, name) for name in ("val_size", "split_seed") if meta.get(name) is None}}
+    run = run_split(split_of, data, args.data)
+    if run is None:  # other data (a test set): any split the options ask for is theirs to choose
+        return None, load(args, prep) if limits["max_images_per_class"] else data
     for name in ("val_size", "split_seed"):
         given, recorded = getattr(args, name), meta.get(name)
-        option = "--" + name.replace("_", "-")
         if given is not None and recorded is not None and float(given) != float(recorded):
+            option = "--" + name.replace("_", "-")
             raise ValueError(f"{option} {given:g} is not the split the model was trained with ({recorded:g}); "
                              f"leave {option} out to use the recorded one")
-        split_of[name] = recorded if recorded is not None else given  # an older checkpoint: as the user says
-    run = run_split(split_of, data, args.data)
-    if run is None:
-        return None, load(args, prep) if limits["max_images_per_class"] else data
     if run.val is None:
         raise ValueError(f"the model was trained on every image of {args.data} (val_size 0): none are held out. "
                          f"Give other data, such as a test set")

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
 from .batches import per_class_subset, stratified_split
 from .core import DataError, ImageData
 from .datasets import load_cifar10, synthetic_shapes
@@ -49,7 +48,7 @@ def crop_for(image_size: int) -> Preprocessing:
 
 @functools.lru_cache(maxsize=2)
 def _shapes(num_classes: int, per_class: int, image_size: int, seed: int) -> ImageData:
-    # Drawn once per process and size (seconds for the app's 6,000), shared read-only.
+    # Drawn once per process and size (about 2 s for the app's 16,000), shared read-only.
     return synthetic_shapes(num_classes=num_classes, per_class=per_class, image_size=image_size, seed=seed)
 
 
