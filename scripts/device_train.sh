@@ -63,9 +63,10 @@ limit=() eval_limit=() val_size=5000
 if [ -n "$LIMIT" ]; then limit=(--max-images-per-class "$LIMIT"); eval_limit=(--limit 500); val_size=0.1; fi
 train() {  # NAME EPOCHS [more train options]
     local name=$1 epochs=$2; shift 2
+    # --force: /tmp/runs is this script's scratch, where a rehearsal's run of the same name is replaced.
     local cmd=(python3 -m vitdemo train --data "$DATA/cifar10/train" --preset "$PRESET" --set $SET
                --recipe small-vit --batch-size "$BATCH" --ema "$EMA" --epochs "$epochs" --val-size "$val_size"
-               --split-seed 0 --seed 0 --out "/tmp/runs/$name" --device "$DEVICE" --log-every 1000
+               --split-seed 0 --seed 0 --out "/tmp/runs/$name" --force --device "$DEVICE" --log-every 1000
                "${limit[@]}" $COMPILE "$@")
     echo "${cmd[*]}" >> "$RESULTS/commands.txt"
     local start=$SECONDS

@@ -4,7 +4,8 @@
 # held-out images, and redraw the README's pictures. Then update checkpoints/README.md by hand, and
 # measure the explanations again (`python benchmarks/faithfulness.py`: the app shows its table only
 # while checkpoints/vit_cifar10/faithfulness.json names the shipped weights' digest). A run from the
-# engine carries its out-of-distribution statistics; for an older one, `vitdemo fit-ood` adds them.
+# `vitdemo train` carries its out-of-distribution statistics and its data's digest (by which evaluate
+# finds the held-out images); for an older one, `vitdemo fit-ood` adds the statistics.
 #
 #     bash scripts/ship_checkpoint.sh [RUN_DIR] [CIFAR10_TRAIN_DIR]
 set -euo pipefail
