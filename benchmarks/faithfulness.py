@@ -41,8 +41,7 @@ import vitdemo  # noqa: E402
 from vitdemo import faithfulness as FT  # noqa: E402
 from vitdemo import explanations as E  # noqa: E402
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from vitdemo.cli import stratified_sample  # noqa: E402
-from vitdemo.data import DataError, Preprocessing, checkpoint_data  # noqa: E402
+from vitdemo.data import DataError, Preprocessing, checkpoint_data, stratified_sample  # noqa: E402
 from vitdemo.runtime import weights_digest  # noqa: E402
 
 DEFAULT_DATA = Path("~/.cache/vitdemo/cifar10/train").expanduser()

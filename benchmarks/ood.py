@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdemo import ood  # noqa: E402
 from vitdemo.checkpoint import load_checkpoint  # noqa: E402
-from vitdemo.cli import stratified_sample  # noqa: E402
-from vitdemo.data import ImageData, Preprocessing, checkpoint_data, iterate_batches  # noqa: E402
+from vitdemo.data import ImageData, Preprocessing, checkpoint_data, iterate_batches, stratified_sample  # noqa: E402
 
 
 @torch.no_grad()

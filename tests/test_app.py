@@ -422,3 +422,23 @@ def test_app_py_builds_the_demo_without_launching_it():
     spec.loader.exec_module(app)  # would block here if it launched the server on import
     assert isinstance(app.demo, gr.Blocks)
     assert app.demo.get_api_info()["named_endpoints"]["/classify"]["parameters"][0]["parameter_name"] == "image"
+
+
+def test_a_picture_returned_again_is_not_rewritten_under_a_reader(tmp_path):
+    """Gradio's own cache writer truncates and rewrites the file of a picture returned a second
+    time, while a browser may still be reading it; ours leaves the complete file as it is and writes
+    a new one whole, under its final name only at the end."""
+    from gradio import processing_utils
+
+    assert processing_utils.save_pil_to_cache is common.save_pil_to_cache  # what Gradio's components call
+    picture = Image.new("RGB", (40, 30), (200, 30, 90))
+    first = Path(processing_utils.save_pil_to_cache(picture, str(tmp_path)))
+    reader = first.open("rb")  # a download in progress
+    before = first.stat()
+    again = Path(processing_utils.save_pil_to_cache(picture.copy(), str(tmp_path)))
+    assert again == first and first.stat().st_mtime_ns == before.st_mtime_ns and first.stat().st_ino == before.st_ino
+    assert reader.read() == processing_utils.encode_pil_to_bytes(picture, "webp")  # whole, as the reader began it
+    reader.close()
+    other = Path(processing_utils.save_pil_to_cache(Image.new("RGB", (40, 30), (0, 0, 0)), str(tmp_path)))
+    assert other != first and Image.open(other).getpixel((0, 0)) == (0, 0, 0)
+    assert not [p for p in tmp_path.rglob("*.tmp")]

@@ -10,9 +10,7 @@ from PIL import Image, ImageDraw
 import vitdemo
 from vitdemo.checkpoint import DEFAULT_CHECKPOINT, read_metadata
 from vitdemo.config import PRESETS
-from vitdemo.cli import stratified_sample
-from vitdemo.data import checkpoint_data
-from vitdemo.data import CIFAR10_CLASSES, preprocess
+from vitdemo.data import CIFAR10_CLASSES, checkpoint_data, preprocess, stratified_sample
 from vitdemo.engine import evaluate
 
 # CIFAR-10's training images, beside the project's checkout (absent from a user's clone).

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils
 from PIL import Image
 
 from ..checkpoint import CheckpointError
@@ -34,6 +37,26 @@ DELETE_CACHE = (3600, 3600)
 VIEW_SIZE = 320  # side of the overlays, in pixels
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = Path(tempfile.gettempdir()) / "vitdemo-app"  # server-owned: runs and example images (read as common.APP_DIR)
+
+
+def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """Gradio's `processing_utils.save_pil_to_cache`, written once and atomically. Gradio 6.31's
+    own names the file by its bytes' hash but rewrites it in place each time the same picture is
+    returned again (a grid or a strip that a slider leaves as it was): a browser still fetching
+    the earlier copy then reads a file cut short ("Too much data for declared Content-Length" in
+    the log) and draws no picture. The same name holds the same bytes, so an existing file stays."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a reader sees the whole file or none
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = save_pil_to_cache  # Gradio's components call it through the module
 
 
 class ModelUnavailable(RuntimeError):

@@ -18,7 +18,6 @@ from ..data import (
     load_source,
     recorded_limits,
     run_split,
-    stratified_split,
 )
 from ..runtime import RUNTIMES
 from . import support
@@ -68,14 +67,6 @@ def run_images(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Training
         raise ValueError(f"the model was trained on every image of {args.data} (val_size 0): none are held out. "
                          f"Give other data, such as a test set")
     return run, data
-
-
-def stratified_sample(data: ImageData, size: int, seed: int = 0) -> ImageData:
-    """`size` of the images, each class in proportion (the first `size` of a split sorted by
-    index would be the first classes only); all of them if `size` is not smaller."""
-    if size >= len(data):
-        return data
-    return data.subset(stratified_split(data.labels, size, seed=seed)[1])
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..data import Preprocessing, split
+from ..data import Preprocessing, split, stratified_sample
 from ..engine import evaluate, select_device
 from . import support
-from .common import check_classes, data_options, run_images, runtime_options, stratified_sample
+from .common import check_classes, data_options, run_images, runtime_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ The modules, in the order data flow through them:
 Every data problem raises `DataError` with a message meant for the person who supplied the data.
 """
 
-from .batches import iterate_batches, num_batches, per_class_subset, stratified_split
+from .batches import iterate_batches, num_batches, per_class_subset, stratified_sample, stratified_split
 from .core import DataError, ImageData
 from .datasets import CIFAR10_CLASSES, SHAPES, load_cifar10, synthetic_shapes
 from .folders import load_image_folder, load_zip, safe_extract_zip
@@ -88,6 +88,7 @@ __all__ = [
     "safe_extract_zip",
     "source_name",
     "split",
+    "stratified_sample",
     "stratified_split",
     "synthetic_shapes",
     "to_rgb",

@@ -64,6 +64,14 @@ def stratified_split(labels: Tensor, val_size: int | float, seed: int = 0) -> tu
     return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
 
+def stratified_sample(data: ImageData, size: int, seed: int = 0) -> ImageData:
+    """`size` of the images, each class in proportion (the first `size` of a split sorted by
+    index would be the first classes only); all of them if `size` is not smaller."""
+    if size >= len(data):
+        return data
+    return data.subset(stratified_split(data.labels, size, seed=seed)[1])
+
+
 def per_class_subset(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
     """At most `per_class` images of each class, drawn at random (seeded), in their order."""
     generator = torch.Generator().manual_seed(seed)
