@@ -15,6 +15,7 @@ the model. The two values no module returns are derived from recorded tensors on
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,10 +94,14 @@ def trace(model: nn.Module, images: Tensor, *, internals: bool | Sequence[int] =
     layers = _layers(internals, len(model.blocks))
     seen: dict[str, Tensor] = {}
     hooks = []
+    # The hooks sit on the model itself, which a server shares between threads: a forward pass
+    # that another thread runs meanwhile (another user, another tab) must not be recorded here.
+    owner = threading.get_ident()
 
     def record(module: nn.Module, name: str, take: Callable[[tuple, object], Tensor]) -> None:
         def hook(_: nn.Module, inputs: tuple, output: object) -> None:
-            seen[name] = take(inputs, output)
+            if threading.get_ident() == owner:
+                seen[name] = take(inputs, output)
 
         hooks.append(module.register_forward_hook(hook))
 
@@ -116,7 +121,12 @@ def trace(model: nn.Module, images: Tensor, *, internals: bool | Sequence[int] =
         record(block.mlp.act, f"{i}.mlp_hidden", out)
         record(block.mlp, f"{i}.mlp_out", out)
     z: list[Tensor] = []  # z_1 ... z_L, in the order the blocks run
-    hooks += [block.register_forward_hook(lambda _, __, output: z.append(output[0])) for block in model.blocks]
+
+    def block_output(_: nn.Module, __: tuple, output: tuple) -> None:
+        if threading.get_ident() == owner:
+            z.append(output[0])
+
+    hooks += [block.register_forward_hook(block_output) for block in model.blocks]
 
     # model.train(flag) would set every submodule alike; restore each one's own flag instead.
     flags = [(m, m.training) for m in model.modules()]
