@@ -27,6 +27,7 @@ in-distribution images than it promises.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +78,14 @@ def features(model: nn.Module, images: Tensor, feature: str = "pre_norm") -> Ten
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {sorted(FEATURES)}, got {feature!r}")
     captured = {}
+    owner = threading.get_ident()
+
+    def capture(_: nn.Module, inputs: tuple, __: object) -> None:
+        if threading.get_ident() == owner:  # not the pass another thread runs on the same (shared) model
+            captured["pre_norm"] = inputs[0][:, 0]
+
     # The token entering the LayerNorm is not returned by forward_features: read it with a hook.
-    hook = model.norm.register_forward_hook(lambda _, inputs, __: captured.update(pre_norm=inputs[0][:, 0]))
+    hook = model.norm.register_forward_hook(capture)
     was_training = model.training
     model.eval()
     try:
