@@ -281,3 +281,12 @@ def test_a_source_with_one_class_or_too_few_images_is_refused_in_words(tmp_path)
         training_data(photos(tmp_path / "one", classes=("cat",)), 32)
     with pytest.raises(DataError, match="too few images to train and validate: 4 for 2 classes"):
         training_data(photos(tmp_path / "two", per_class=2), 32, val_size=3)
+
+
+def test_set_with_init_from_is_refused_before_the_data_load(start_checkpoint, tmp_path, monkeypatch, capsys):
+    """--set describes a new model; a fine-tune keeps its start's architecture (it used to be
+    ignored without a word)."""
+    monkeypatch.setattr(cli.train, "training_data", lambda *a, **k: pytest.fail("data loaded before the refusal"))
+    assert main(["train", "--data", "synthetic", "--init-from", str(start_checkpoint), "--out", str(tmp_path / "run"),
+                 "--set", "depth=2"]) == 2
+    assert "--set depth=2 changes a new model" in capsys.readouterr().err

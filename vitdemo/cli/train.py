@@ -111,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     # A starting model brings its crop and normalisation; a new one gets its data's (measured).
     start = Preprocessing.for_checkpoint(init_meta) if init_meta is not None else None
     overrides = parse_overrides(args.set)
+    if init_meta is not None and overrides:  # before the data, which can take minutes
+        raise ValueError(f"--set {' '.join(args.set)} changes a new model; a fine-tuned model keeps the "
+                         f"architecture of --init-from (only --image-size changes it)")
     image_size = args.image_size or overrides.get("image_size") or (
         start.image_size if start else get_config(args.preset).image_size[0])
     if isinstance(image_size, (tuple, list)):
@@ -123,9 +126,6 @@ def run(args: argparse.Namespace) -> int:
         say(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[:3]}")
     classes = len(data.class_names)
     if init_meta is not None:
-        if overrides:
-            raise ValueError(f"--set {' '.join(args.set)} changes a new model; a fine-tuned model keeps the "
-                             f"architecture of --init-from (only --image-size changes it)")
         model = init_model
         if image_size != model.config.image_size[0]:
             model.set_image_size(image_size)  # the paper's fine-tuning at higher resolution
