@@ -96,3 +96,29 @@ def reference_probabilities(checkpoint, image) -> dict:
     with torch.no_grad():
         probs = model.eval()(x).double().softmax(-1)[0]
     return dict(zip(meta["class_names"], probs.tolist()))
+
+
+@contextlib.contextmanager
+def others_running(model, images, threads: int = 2):
+    """Other threads running `model` on `images` in a loop for as long as the block runs: the
+    app's other users and tabs, which share one model object."""
+    import threading
+
+    import torch
+
+    stop = threading.Event()
+
+    def run():
+        with torch.no_grad():
+            while not stop.is_set():
+                model(images)
+
+    runners = [threading.Thread(target=run) for _ in range(threads)]
+    for r in runners:
+        r.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for r in runners:
+            r.join()

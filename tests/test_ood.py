@@ -323,27 +323,13 @@ def test_shipped_threshold_false_alarms_on_held_out_cifar10(shipped):
 def test_features_are_this_threads_image_while_others_run_the_same_model():
     """The app shares one model between users: another thread's forward pass fires the feature
     hook too, and its image's class token replaced this one's (a wrong out-of-distribution flag)."""
-    import threading
+    from helpers import others_running
 
     torch.manual_seed(0)
     model = vitdemo.create_model("vit_cifar_4", num_classes=4, depth=2, embed_dim=32, num_heads=2, mlp_dim=64).eval()
     x, others = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     alone = ood.features(model, x)
-    stop = threading.Event()
-
-    def other_users():
-        with torch.no_grad():
-            while not stop.is_set():
-                model(others)
-
-    runners = [threading.Thread(target=other_users) for _ in range(2)]
-    for r in runners:
-        r.start()
-    try:
+    with others_running(model, others):
         seen = [ood.features(model, x) for _ in range(50)]
-    finally:
-        stop.set()
-        for r in runners:
-            r.join()
     for got in seen:
         torch.testing.assert_close(got, alone)

@@ -181,26 +181,12 @@ def test_forward_passes_of_other_threads_on_the_same_model_are_not_recorded():
     """A server shares one model between users and tabs: while one thread traces it, others run
     it on other images. Their passes fire the trace's hooks too, and were recorded as more layers
     (the Inside tab once drew 14 layers of a 7-layer model) with other images' internals."""
-    import threading
+    from helpers import others_running
 
     model, x = random_model((32, 32)), images((32, 32))
     alone = vitdemo.trace(model, x, internals=True)
-    others, stop = images((32, 32), seed=2), threading.Event()
-
-    def other_users():
-        with torch.no_grad():
-            while not stop.is_set():
-                model(others)
-
-    runners = [threading.Thread(target=other_users) for _ in range(2)]
-    for r in runners:
-        r.start()
-    try:
+    with others_running(model, images((32, 32), seed=2)):
         traced = [vitdemo.trace(model, x, internals=True) for _ in range(20)]
-    finally:
-        stop.set()
-        for r in runners:
-            r.join()
     for t in traced:
         assert len(t.hidden) == L + 1
         for got, want in zip(t.hidden, alone.hidden):
