@@ -9,7 +9,6 @@ the crop and normalisation of its start, so training and prediction see the same
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -46,12 +45,6 @@ def crop_for(image_size: int) -> Preprocessing:
     return Preprocessing(image_size, HALF, HALF)
 
 
-@functools.lru_cache(maxsize=2)
-def _shapes(num_classes: int, per_class: int, image_size: int, seed: int) -> ImageData:
-    # Drawn once per process and size (about 2 s for the app's 16,000), shared read-only.
-    return synthetic_shapes(num_classes=num_classes, per_class=per_class, image_size=image_size, seed=seed)
-
-
 def load_source(
     source: str | os.PathLike,
     crop: Preprocessing,
@@ -72,7 +65,7 @@ def load_source(
     if str(source) == SYNTHETIC:
         per_class = max_images_per_class or SYNTHETIC_PER_CLASS
         # Drawn at 32 px, as the built-in data set is defined, then cropped like any source.
-        data = _shapes(synthetic_classes, per_class, 32, seed)
+        data = synthetic_shapes(num_classes=synthetic_classes, per_class=per_class, image_size=32, seed=seed)
         return ImageData(crop.crop_batch(data.images), data.labels, list(data.class_names))
     if str(source) == CIFAR10:
         data = load_cifar10(data_root, train=True, download=download)
