@@ -13,7 +13,7 @@ import torch
 from .. import create_model, get_config, list_presets, load_weights
 from ..checkpoint import load_checkpoint, load_peer_weights
 from ..data import Preprocessing, source_name, training_data
-from ..engine import COMPILE_MODES, PRECISIONS, RECIPES, DoneEvent, EpochEvent, StepEvent, select_device
+from ..engine import COMPILE_MODES, PRECISIONS, RECIPES, DoneEvent, EpochEvent, PlanEvent, StepEvent, select_device
 from ..engine import train as engine_train
 from ..pretrained import PretrainedUnavailable
 from . import support
@@ -37,7 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--freeze-backbone", action="store_true", help="train only the head (features cached once)")
     t.add_argument("--recipe", default="small-data", choices=list(RECIPES),
                    help="optimisation recipe (default small-data); the options below override its values")
-    t.add_argument("--epochs", type=int, help=f"passes over the training set ({support.recipe_default('epochs')})")
+    t.add_argument("--epochs", type=int, help=f"passes over the training set ({support.recipe_default('epochs')}); "
+                                              "with --time-budget, the most it may choose")
+    t.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="train for this long instead of a number of epochs: the run measures its pace on its "
+                        "first steps (then undoes them) and picks the epochs whose training, validation and "
+                        "checkpoints end inside the budget, counted from the start of training (after the data "
+                        "are loaded; the out-of-distribution fit after it is not counted); warm-up and cosine span those epochs, and a resumed run keeps the plan")
     t.add_argument("--batch-size", type=int, help="images per optimiser step (per process under torchrun; "
                                                   f"{support.recipe_default('batch_size')})")
     t.add_argument("--lr", type=float, help="peak learning rate, reached after warm-up "
@@ -87,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import plot_history
 
     support.check_new_run(args.out, args.resume, args.force)  # before any download, data or model
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(args.device)
     if world > 1:  # launched by torchrun
@@ -144,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
     train_data, val_data, prep = data.train, data.val, data.preprocessing
 
     policy = "randaugment" if args.randaugment else args.policy
+    # Under a time budget, --epochs is only the most it may choose (train's max_epochs).
     recipe = RECIPES[args.recipe].replace(**{k: v for k, v in (
-        ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+        ("epochs", None if args.time_budget else args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
         ("weight_decay", args.weight_decay), ("warmup", args.warmup), ("label_smoothing", args.label_smoothing),
         ("erasing", args.erasing), ("mixup_alpha", args.mixup), ("cutmix_alpha", args.cutmix),
         ("repeats", args.repeats), ("ema_decay", args.ema)) if v is not None})
@@ -153,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         recipe = recipe.replace(policy=None if policy == "none" else policy)
     params = sum(p.numel() for p in model.parameters())
     say(f"{len(train_data)} training and {len(val_data) if val_data else 0} validation images, "
-           f"{classes} classes; model {params:,} parameters on {device}; recipe {recipe}")
+           f"{classes} classes; model {params:,} parameters on {device}; recipe {recipe}"
+        + (" (its epochs chosen by --time-budget)" if args.time_budget else ""))
     say(f"preprocessing: {prep}")
     out = Path(args.out)
     if args.force and is_main():  # only now: a mistyped option or missing data leaves the old run as it was
@@ -161,12 +171,16 @@ def run(args: argparse.Namespace) -> int:
     events = engine_train(model, train_data, val_data, recipe, preprocess=prep, out_dir=out, seed=args.seed,
                    device=device, resume=args.resume, freeze_backbone=args.freeze_backbone,
                    log_every=args.log_every, compile=args.compile, precision=args.precision,
+                   time_budget=args.time_budget, max_epochs=args.epochs if args.time_budget else None,
                    metadata={"data": source_name(args.data), "data_digest": data.digest, "split_seed": args.split_seed,
                              "val_size": args.val_size, "max_images_per_class": args.max_images_per_class,
                              "data_seed": args.seed})
     bar = None
     for event in events:
-        if isinstance(event, StepEvent):
+        if isinstance(event, PlanEvent):
+            if is_main():
+                say(f"{event.plan.epochs} epoch(s): {event.plan.reason}")
+        elif isinstance(event, StepEvent):
             if bar is None:
                 # tqdm's own rate would count the steps before the first event (resume) as instant.
                 bar = tqdm(total=event.total_steps, disable=not is_main(), dynamic_ncols=True,
@@ -193,8 +207,10 @@ def run(args: argparse.Namespace) -> int:
                 if event.ema_checkpoint is not None:
                     average = load_checkpoint(event.ema_checkpoint)[0].to(device)
                     update_metadata(event.ema_checkpoint, ood=ood.fit(average, train_data, val_data, prep))
-            results = {"history": event.history, "seconds": event.seconds, "stopped": event.stopped,
-                       "checkpoint": str(event.checkpoint), "recipe": recipe.to_dict(), "parameters": params,
+            results = {"time_budget": event.budget.to_dict()} if event.budget else {}
+            results |= {"history": event.history, "seconds": event.seconds, "stopped": event.stopped,
+                       "checkpoint": str(event.checkpoint), "parameters": params,
+                       "recipe": (recipe.replace(epochs=event.budget.epochs) if event.budget else recipe).to_dict(),
                        "args": {k: v for k, v in vars(args).items() if k != "func"}}
             (out / "results.json").write_text(json.dumps(results, indent=2))
             plot_history(event.history).savefig(out / "curves.png", dpi=120)

@@ -15,7 +15,8 @@ same curve.
     run.py         Run, what one call of train works with, and set_up, which builds it
     batches.py     an epoch's random streams; augmentation ahead of the step
     state.py       the files in out_dir: checkpoints and train_state.pt, and resuming from them
-    events.py      what train yields (StepEvent, ValidationEvent, EpochEvent, DoneEvent), TrainingError
+    budget.py      a time budget instead of an epoch count: the pace measured, the epochs chosen
+    events.py      what train yields (PlanEvent, StepEvent, ValidationEvent, EpochEvent, DoneEvent), TrainingError
     evaluation.py  evaluate, extract_features
     average.py     WeightAverage, the moving average of the weights
     devices.py     select_device, resolve_precision, the processes of a distributed run
@@ -25,14 +26,15 @@ from .average import WeightAverage
 from .batches import AUGMENT_AHEAD
 from .devices import PRECISIONS, resolve_precision, select_device
 from .evaluation import Features, evaluate, extract_features
-from .events import DoneEvent, EpochEvent, StepEvent, TrainingError, ValidationEvent
+from .budget import BudgetPlan
+from .events import DoneEvent, EpochEvent, PlanEvent, StepEvent, TrainingError, ValidationEvent
 from .loop import train
 from .recipes import RECIPES, Recipe, make_optimizer, warmup_cosine
 from .run import COMPILE_MODES
 from .state import EMA_DIR, STATE_NAME
 
 __all__ = [
-    "AUGMENT_AHEAD", "COMPILE_MODES", "EMA_DIR", "PRECISIONS", "RECIPES", "STATE_NAME", "DoneEvent", "EpochEvent",
-    "Features", "Recipe", "StepEvent", "TrainingError", "ValidationEvent", "WeightAverage", "evaluate",
+    "AUGMENT_AHEAD", "BudgetPlan", "COMPILE_MODES", "EMA_DIR", "PRECISIONS", "RECIPES", "STATE_NAME", "DoneEvent", "EpochEvent",
+    "Features", "PlanEvent", "Recipe", "StepEvent", "TrainingError", "ValidationEvent", "WeightAverage", "evaluate",
     "extract_features", "make_optimizer", "resolve_precision", "select_device", "train", "warmup_cosine",
 ]

@@ -1,10 +1,22 @@
-"""What `train` yields, in order: `StepEvent`s every few steps, `ValidationEvent`s inside an
+"""What `train` yields, in order: a `PlanEvent` when a time budget chose the epochs, `StepEvent`s every few steps, `ValidationEvent`s inside an
 epoch when asked, an `EpochEvent` per epoch and one final `DoneEvent`; and the error it raises."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .budget import BudgetPlan
+
+
+@dataclass
+class PlanEvent:
+    """The epochs a time budget chose, before the first epoch (see vitdemo.engine.budget)."""
+
+    plan: BudgetPlan
+    kind: str = "plan"
 
 
 @dataclass
@@ -53,6 +65,7 @@ class DoneEvent:
     seconds: float
     checkpoint: Path | None  # the last epoch's; None without out_dir or when no epoch was completed
     ema_checkpoint: Path | None = None  # the moving average's beside it, when the recipe keeps one
+    budget: BudgetPlan | None = None  # what a time budget chose, if one did
     kind: str = "done"
 
 

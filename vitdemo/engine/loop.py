@@ -7,9 +7,10 @@ optimiser steps, `validate` measures its weights.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,16 @@ from torch import Tensor, nn
 from ..augment import soft_cross_entropy
 from ..data import ImageData, Preprocessing, iterate_batches
 from ..model import VisionTransformer
+from . import budget
 from .batches import AUGMENT_AHEAD, augmented, epoch_streams
 from .devices import all_sum, autocast
 from .evaluation import evaluate
-from .events import DoneEvent, EpochEvent, StepEvent, TrainingError, ValidationEvent
+from .events import DoneEvent, EpochEvent, PlanEvent, StepEvent, TrainingError, ValidationEvent
 from .recipes import Recipe
-from .run import Run, set_up
-from .state import checkpoint_paths, load_state, save_epoch
+from .run import Run, reschedule, set_up
+from .state import checkpoint_paths, load_state, save_epoch, saved_budget
 
-Event = StepEvent | ValidationEvent | EpochEvent | DoneEvent
+Event = PlanEvent | StepEvent | ValidationEvent | EpochEvent | DoneEvent
 
 
 def train(
@@ -50,6 +52,8 @@ def train(
     val_every: int | None = None,
     compile: str | None = None,
     precision: str = "auto",
+    time_budget: float | None = None,
+    max_epochs: int | None = None,
 ) -> Iterator[Event]:
     """Train `model` on `train_data`, validating on `val_data` after every epoch.
 
@@ -72,13 +76,39 @@ def train(
     `precision` ("auto", "fp32" or "bf16", see `resolve_precision`) is the training step's
     arithmetic; weights, optimiser state and validation stay fp32 on a CPU. A run resumes only
     with the precision it started with, so that its history stays one computation.
+
+    `time_budget` (seconds, counted from this call) replaces the recipe's epoch count: the run
+    measures its pace on its first steps, undoes them, and trains as many epochs as fit, at most
+    `max_epochs` (see vitdemo.engine.budget); a `PlanEvent` says what it chose and why. A resumed
+    budgeted run keeps the plan it started with.
     """
+    run_start = time.perf_counter()  # the budget's clock
+    out_dir = Path(out_dir) if out_dir is not None else None
+    planned = None
+    if time_budget is not None:
+        if not time_budget > 0:
+            raise ValueError(f"the time budget must be a positive number of seconds, got {time_budget!r}")
+        if resume:
+            planned = saved_budget(out_dir, time_budget)
+            recipe = recipe.replace(epochs=planned.epochs)
     run = set_up(model, train_data, val_data, recipe, preprocess, seed=seed, device=device,
                  freeze_backbone=freeze_backbone, compile=compile, precision=precision)
-    out_dir = Path(out_dir) if out_dir is not None else None
+    run.budget = planned
     first_epoch = load_state(out_dir, run) if resume else 0
     checkpoint, ema_checkpoint = checkpoint_paths(out_dir, run)
-    run_start = time.perf_counter()
+    if time_budget is not None and not resume:
+        def save_scratch(folder: Path) -> None:
+            figures = {name: 0.0 for name in ("train_loss", "train_acc", "val_loss", "val_acc", "ema_val_loss",
+                                               "ema_val_acc")}
+            save_epoch(folder, run, 1, figures, train_data.class_names, preprocess, metadata)
+
+        pace = budget.measure(run, lambda: _measured_steps(run), validate,
+                              save_scratch if out_dir is not None and run.rank == 0 else None, time_budget)
+        run.budget = budget.plan(time_budget, time.perf_counter() - run_start, run.steps_per_epoch, *pace,
+                                 max_epochs=max_epochs)
+        recipe = recipe.replace(epochs=run.budget.epochs)
+        reschedule(run, recipe)
+        yield PlanEvent(run.budget)
     stopped = False
     for epoch in range(first_epoch, recipe.epochs):
         epoch_start = time.perf_counter()
@@ -98,7 +128,7 @@ def train(
     # No epoch completed (in this run or the one resumed): no checkpoint was written, name none.
     if not run.history["train_loss"]:
         checkpoint = ema_checkpoint = None
-    yield DoneEvent(run.history, stopped, time.perf_counter() - run_start, checkpoint, ema_checkpoint)
+    yield DoneEvent(run.history, stopped, time.perf_counter() - run_start, checkpoint, ema_checkpoint, run.budget)
 
 
 def one_epoch(run: Run, epoch: int, log_every: int, val_every: int | None, should_stop: Callable[[], bool] | None,
@@ -107,15 +137,10 @@ def one_epoch(run: Run, epoch: int, log_every: int, val_every: int | None, shoul
     ValidationEvents. Returns its training loss and accuracy over all ranks, or None when
     `should_stop()` stopped it."""
     recipe, device = run.recipe, run.device
-    order, augment_generator, host_generator, mix_rng = epoch_streams(run.seed, epoch, run.rank, device)
+    batches, mix_rng = epoch_batches(run, epoch)
     run.step_net.train()
     sums = [0.0, 0.0, 0.0]  # loss * n, correct, n for the epoch
     window = [0.0, 0.0, 0.0, time.perf_counter()]  # the same since the last StepEvent
-    batches = iterate_batches(run.train_inputs, recipe.batch_size, shuffle=True, generator=order, rank=run.rank,
-                              world_size=run.world, repeats=1 if run.freeze_backbone else recipe.repeats)
-    if run.augment is not None:
-        batches = augmented(batches, run.augment, device, augment_generator, host_generator,
-                            ahead=AUGMENT_AHEAD if device.type == "cuda" else 1)
     pending: list[tuple[Tensor, Tensor, int]] = []  # (loss, correct, n) of steps not yet read back
     for x, y in batches:
         if should_stop is not None and should_stop():
@@ -142,6 +167,32 @@ def one_epoch(run: Run, epoch: int, log_every: int, val_every: int | None, shoul
     _read_back(pending, run.step, epoch, run.scheduler.get_last_lr()[0], (sums, window))
     loss_sum, correct, count = all_sum(sums, device)
     return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)}
+
+
+def epoch_batches(run: Run, epoch: int) -> tuple[Iterable[tuple[Tensor, Tensor]], Any]:
+    """The (augmented) batches of `epoch` (0-based), in its order, and its mixing stream."""
+    order, augment_generator, host_generator, mix_rng = epoch_streams(run.seed, epoch, run.rank, run.device)
+    batches = iterate_batches(run.train_inputs, run.recipe.batch_size, shuffle=True, generator=order, rank=run.rank,
+                              world_size=run.world, repeats=1 if run.freeze_backbone else run.recipe.repeats)
+    if run.augment is not None:
+        batches = augmented(batches, run.augment, run.device, augment_generator, host_generator,
+                            ahead=AUGMENT_AHEAD if run.device.type == "cuda" else 1)
+    return batches, mix_rng
+
+
+def _measured_steps(run: Run) -> Iterator[int]:
+    """Optimiser steps as an epoch takes them, over the first epochs' batches again and again, for
+    the time budget to time (and undo); yields the number taken so far."""
+    run.step_net.train()
+    taken = 0
+    for epoch in itertools.count():
+        batches, mix_rng = epoch_batches(run, epoch)
+        for x, y in batches:
+            loss, _, _ = optimizer_step(run, x, y, mix_rng)
+            if run.device.type != "cuda":
+                loss.item()  # as one_epoch reads every step's loss back on a CPU
+            taken += 1
+            yield taken
 
 
 def optimizer_step(run: Run, x: Tensor, y: Tensor, mix_rng) -> tuple[Tensor, Tensor, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .average import WeightAverage
 from .devices import rank_and_world, resolve_precision, select_device
 from .evaluation import Features, extract_features
 from .recipes import Recipe, make_optimizer, warmup_cosine
+
+if TYPE_CHECKING:
+    from .budget import BudgetPlan
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -50,6 +53,14 @@ class Run:
     total_steps: int
     step: int = 0  # optimiser steps done, over the whole run
     history: dict[str, list[float | None]] = field(default_factory=dict)
+    budget: BudgetPlan | None = None  # what a time budget chose, if one did
+
+
+def reschedule(run: Run, recipe: Recipe) -> None:
+    """Give a run that has taken no step yet `recipe`'s epochs: its step count and its schedule,
+    warm-up then cosine to zero over the new total."""
+    run.recipe, run.total_steps = recipe, run.steps_per_epoch * recipe.epochs
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, warmup_cosine(run.total_steps, recipe.warmup))
 
 
 def set_up(model: VisionTransformer, train_data: ImageData, val_data: ImageData | None, recipe: Recipe,

@@ -16,6 +16,7 @@ from .events import TrainingError
 from .recipes import jsonable, saved_recipe
 
 if TYPE_CHECKING:
+    from .budget import BudgetPlan
     from .run import Run
 
 STATE_NAME = "train_state.pt"
@@ -38,8 +39,11 @@ def load_state(out_dir: Path | None, run: Run) -> int:
         raise TrainingError(f"cannot resume: no {STATE_NAME} in {out_dir}")
     state = torch.load(state_path, map_location=run.device, weights_only=True)
     if saved_recipe(state["recipe"]) != jsonable(run.recipe.to_dict()) or state["seed"] != run.seed:
+        planned = state.get("time_budget")
+        hint = (f"; its epochs were chosen by a time budget of {planned['budget']:g} s: resume with "
+                f"--time-budget {planned['budget']:g}" if planned and run.budget is None else "")
         raise TrainingError(
-            f"cannot resume {out_dir}: it was started with recipe {state['recipe']} and seed {state['seed']}"
+            f"cannot resume {out_dir}: it was started with recipe {state['recipe']} and seed {state['seed']}{hint}"
         )
     if state.get("precision", run.precision) != run.precision:  # states written before it was recorded have none
         raise TrainingError(
@@ -55,16 +59,35 @@ def load_state(out_dir: Path | None, run: Run) -> int:
     return state["epoch"]
 
 
+def saved_budget(out_dir: Path | None, budget: float) -> BudgetPlan:
+    """The plan a budgeted run in `out_dir` started with, for resuming it with the same `budget`."""
+    from .budget import BudgetPlan
+
+    state_path = out_dir / STATE_NAME if out_dir else None
+    if state_path is None or not state_path.exists():
+        raise TrainingError(f"cannot resume: no {STATE_NAME} in {out_dir}")
+    planned = torch.load(state_path, map_location="cpu", weights_only=True).get("time_budget")
+    if planned is None:
+        raise TrainingError(f"cannot resume {out_dir} with a time budget: its epochs were not chosen by one; "
+                            f"resume it without --time-budget")
+    if planned["budget"] != budget:
+        raise TrainingError(f"cannot resume {out_dir} with a time budget of {budget:g} s: it was planned for "
+                            f"{planned['budget']:g} s ({planned['epochs']} epoch(s)); resume with "
+                            f"--time-budget {planned['budget']:g}")
+    return BudgetPlan.from_dict(planned)
+
+
 def save_epoch(out_dir: Path, run: Run, epoch: int, figures: dict[str, float | None], class_names: list[str],
                preprocess: Preprocessing, metadata: dict[str, Any] | None) -> None:
     """Write the checkpoint(s) and train_state.pt after `epoch` (1-based) epochs, each atomically,
     so that a run killed at any moment leaves the last epoch's files whole. `figures` are the
     epoch's (train_loss, train_acc, val_loss, val_acc, ema_val_loss, ema_val_acc)."""
     model_path, ema_path = checkpoint_paths(out_dir, run)
-    saved = [(model_path, run.base, figures["val_loss"], figures["val_acc"], {})]
+    planned = {"time_budget": run.budget.to_dict()} if run.budget is not None else {}
+    saved = [(model_path, run.base, figures["val_loss"], figures["val_acc"], planned)]
     if run.ema is not None:
         saved.append((ema_path, run.ema.module, figures["ema_val_loss"], figures["ema_val_acc"],
-                      {"weights": f"exponential moving average, decay {run.recipe.ema_decay}"}))
+                      {"weights": f"exponential moving average, decay {run.recipe.ema_decay}", **planned}))
     for path, weights, val_loss, val_acc, kind in saved:
         metrics = {"epoch": epoch, "train_loss": figures["train_loss"], "train_acc": figures["train_acc"],
                    "val_loss": val_loss, "val_acc": val_acc}
@@ -75,4 +98,6 @@ def save_epoch(out_dir: Path, run: Run, epoch: int, figures: dict[str, float | N
              "recipe": jsonable(run.recipe.to_dict()), "seed": run.seed, "precision": run.precision}
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
+    if run.budget is not None:
+        state["time_budget"] = run.budget.to_dict()
     atomic_write(out_dir / STATE_NAME, lambda tmp: torch.save(state, tmp))
