@@ -1,7 +1,10 @@
-"""Command line: `python -m vitdemo train | evaluate | predict | explain | export | fit-ood`.
+"""Command line: `python -m vitdemo train | teacher | evaluate | predict | explain | export | fit-ood`.
 
     python -m vitdemo train --data synthetic --preset vit_cifar_4 --epochs 5 --out runs/shapes
     python -m vitdemo train --data ~/.cache/vitdemo/cifar10/train --preset vit_cifar_4 --out runs/cifar
+    python -m vitdemo train --data synthetic --time-budget 60 --out runs/minute     # epochs chosen to fit
+    python -m vitdemo teacher --data ~/.cache/vitdemo/cifar10/train --out runs/teacher
+    python -m vitdemo train --data ~/.cache/vitdemo/cifar10/train --teacher runs/teacher --out runs/taught
     python -m vitdemo evaluate --checkpoint runs/cifar --data ~/.cache/vitdemo/cifar10/train
     python -m vitdemo predict photo.jpg --checkpoint runs/cifar
     python -m vitdemo explain photo.jpg --checkpoint runs/cifar --out views/
@@ -24,9 +27,9 @@ from ..data import DataError
 from ..engine import TrainingError
 from ..pretrained import PretrainedUnavailable
 from ..runtime import RuntimeUnavailable
-from . import evaluate, explain, export, fit_ood, predict, support, train
+from . import evaluate, explain, export, fit_ood, predict, support, teacher, train
 
-COMMANDS = (train, evaluate, predict, explain, export, fit_ood)  # one module each, in --help's order
+COMMANDS = (train, teacher, evaluate, predict, explain, export, fit_ood)  # one module each, in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from ..engine import COMPILE_MODES, PRECISIONS, RECIPES, DoneEvent, EpochEvent, 
 from ..engine import train as engine_train
 from ..pretrained import PretrainedUnavailable
 from . import support
+from . import teacher as teacher_cli
 from .common import cifar10_messages, data_options, is_main, parse_overrides, say
 
 
@@ -43,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="train for this long instead of a number of epochs: the run measures its pace on its "
                         "first steps (then undoes them) and picks the epochs whose training, validation and "
                         "checkpoints end inside the budget, counted from the start of training (after the data "
-                        "are loaded; the out-of-distribution fit after it is not counted); warm-up and cosine span those epochs, and a resumed run keeps the plan")
+                        "are loaded; the out-of-distribution fit after it is not counted); warm-up and cosine "
+                        "span those epochs, and a resumed run keeps the plan")
     t.add_argument("--batch-size", type=int, help="images per optimiser step (per process under torchrun; "
                                                   f"{support.recipe_default('batch_size')})")
     t.add_argument("--lr", type=float, help="peak learning rate, reached after warm-up "
@@ -69,6 +71,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
                                                               "with this decay per step, 0 off; validated and saved "
                                                               f"in OUT/ema/ ({support.recipe_default('ema_decay')})")
+    t.add_argument("--teacher", help="distil from this CNN teacher (a folder or file made by `vitdemo teacher` "
+                                     "with the same data options): its label of each augmented image is a "
+                                     "second target for the class token (DeiT's hard distillation)")
+    t.add_argument("--distillation", type=float, metavar="WEIGHT",
+                   help="the teacher's share of the loss, the labels' is the rest (default with --teacher: 0.5)")
     t.add_argument("--compile", nargs="?", const="default", choices=list(COMPILE_MODES),
                    help="compile the training step with torch.compile (a slower start; pays on a GPU); "
                         "reduce-overhead also captures CUDA graphs")
@@ -93,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import plot_history
 
     support.check_new_run(args.out, args.resume, args.force)  # before any download, data or model
+    if args.distillation is not None and not args.teacher and args.distillation > 0:
+        raise ValueError("--distillation weighs a teacher's labels: give --teacher too")
+    teacher_model = teacher_meta = None
+    if args.teacher:
+        from ..teacher import load_teacher
+
+        teacher_model, teacher_meta = load_teacher(args.teacher)
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -150,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
             for note in load_weights(model, load_peer_weights(args.init_from, args.init_source)):
                 say(note)
     train_data, val_data, prep = data.train, data.val, data.preprocessing
+    taught = {}
+    if teacher_meta is not None:
+        teacher_cli.check_teacher(teacher_meta, teacher_cli.teacher_split(args, data.digest), data.class_names,
+                                  prep.to_dict())
+        taught = {"teacher": {k: teacher_meta[k] for k in ("width", "epochs", "seed", "val_acc", "parameters")
+                              if k in teacher_meta}}
 
     policy = "randaugment" if args.randaugment else args.policy
     # Under a time budget, --epochs is only the most it may choose (train's max_epochs).
@@ -157,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
         ("epochs", None if args.time_budget else args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
         ("weight_decay", args.weight_decay), ("warmup", args.warmup), ("label_smoothing", args.label_smoothing),
         ("erasing", args.erasing), ("mixup_alpha", args.mixup), ("cutmix_alpha", args.cutmix),
-        ("repeats", args.repeats), ("ema_decay", args.ema)) if v is not None})
+        ("repeats", args.repeats), ("ema_decay", args.ema),
+        ("distillation", args.distillation if args.distillation is not None else 0.5 if args.teacher else None),
+    ) if v is not None})
     if policy is not None:
         recipe = recipe.replace(policy=None if policy == "none" else policy)
     params = sum(p.numel() for p in model.parameters())
@@ -174,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
                    time_budget=args.time_budget, max_epochs=args.epochs if args.time_budget else None,
                    metadata={"data": source_name(args.data), "data_digest": data.digest, "split_seed": args.split_seed,
                              "val_size": args.val_size, "max_images_per_class": args.max_images_per_class,
-                             "data_seed": args.seed})
+                             "data_seed": args.seed, **taught},
+                   teacher=teacher_model)
     bar = None
     for event in events:
         if isinstance(event, PlanEvent):

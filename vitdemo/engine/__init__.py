@@ -19,6 +19,7 @@ same curve.
     events.py      what train yields (PlanEvent, StepEvent, ValidationEvent, EpochEvent, DoneEvent), TrainingError
     evaluation.py  evaluate, extract_features
     average.py     WeightAverage, the moving average of the weights
+    teacher.py     train_teacher: the CNN teacher a student distils from (vitdemo.teacher)
     devices.py     select_device, resolve_precision, the processes of a distributed run
 """
 
@@ -32,9 +33,11 @@ from .loop import train
 from .recipes import RECIPES, Recipe, make_optimizer, warmup_cosine
 from .run import COMPILE_MODES
 from .state import EMA_DIR, STATE_NAME
+from .teacher import train_teacher
 
 __all__ = [
-    "AUGMENT_AHEAD", "BudgetPlan", "COMPILE_MODES", "EMA_DIR", "PRECISIONS", "RECIPES", "STATE_NAME", "DoneEvent", "EpochEvent",
-    "Features", "PlanEvent", "Recipe", "StepEvent", "TrainingError", "ValidationEvent", "WeightAverage", "evaluate",
-    "extract_features", "make_optimizer", "resolve_precision", "select_device", "train", "warmup_cosine",
+    "AUGMENT_AHEAD", "BudgetPlan", "COMPILE_MODES", "EMA_DIR", "PRECISIONS", "RECIPES", "STATE_NAME", "DoneEvent",
+    "EpochEvent", "Features", "PlanEvent", "Recipe", "StepEvent", "TrainingError", "ValidationEvent", "WeightAverage",
+    "evaluate", "extract_features", "make_optimizer", "resolve_precision", "select_device", "train", "train_teacher",
+    "warmup_cosine",
 ]

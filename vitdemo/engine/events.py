@@ -1,5 +1,5 @@
-"""What `train` yields, in order: a `PlanEvent` when a time budget chose the epochs, `StepEvent`s every few steps, `ValidationEvent`s inside an
-epoch when asked, an `EpochEvent` per epoch and one final `DoneEvent`; and the error it raises."""
+"""What `train` yields, in order: a `PlanEvent` when a time budget chose the epochs, `StepEvent`s
+every few steps, `ValidationEvent`s inside an epoch when asked, an `EpochEvent` per epoch and one final `DoneEvent`; and the error it raises."""
 
 from __future__ import annotations
 

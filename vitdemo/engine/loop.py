@@ -54,6 +54,7 @@ def train(
     precision: str = "auto",
     time_budget: float | None = None,
     max_epochs: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> Iterator[Event]:
     """Train `model` on `train_data`, validating on `val_data` after every epoch.
 
@@ -81,6 +82,9 @@ def train(
     measures its pace on its first steps, undoes them, and trains as many epochs as fit, at most
     `max_epochs` (see vitdemo.engine.budget); a `PlanEvent` says what it chose and why. A resumed
     budgeted run keeps the plan it started with.
+
+    `teacher` (a `vitdemo.teacher.ConvTeacher`, trained on the same training images at the same
+    crop and normalisation) labels every augmented batch for the recipe's `distillation`.
     """
     run_start = time.perf_counter()  # the budget's clock
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -92,7 +96,7 @@ def train(
             planned = saved_budget(out_dir, time_budget)
             recipe = recipe.replace(epochs=planned.epochs)
     run = set_up(model, train_data, val_data, recipe, preprocess, seed=seed, device=device,
-                 freeze_backbone=freeze_backbone, compile=compile, precision=precision)
+                 freeze_backbone=freeze_backbone, compile=compile, precision=precision, teacher=teacher)
     run.budget = planned
     first_epoch = load_state(out_dir, run) if resume else 0
     checkpoint, ema_checkpoint = checkpoint_paths(out_dir, run)
@@ -205,10 +209,15 @@ def optimizer_step(run: Run, x: Tensor, y: Tensor, mix_rng) -> tuple[Tensor, Ten
         x, targets = run.mixer(x, y, mix_rng)
     with autocast(run.device, run.precision), run.kernels:
         logits = run.step_net(x).float()
+        if run.teacher is not None:
+            with torch.no_grad():  # the teacher's label of the very view the student sees, mixed or not
+                taught = run.teacher(x.contiguous(memory_format=torch.channels_last)).argmax(1)
     if targets is None:
         loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
     else:  # mixed images: soft targets, label smoothing already in them
         loss = soft_cross_entropy(logits, targets)
+    if run.teacher is not None:  # DeiT's hard distillation, through the class token's one head
+        loss = (1 - recipe.distillation) * loss + recipe.distillation * F.cross_entropy(logits, taught)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if recipe.grad_clip:

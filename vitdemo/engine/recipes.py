@@ -37,6 +37,10 @@ class Recipe:
     mix_prob: float = 1.0  # share of batches mixed when either is on
     repeats: int = 1  # repeated augmentation: each image this many times per batch
     ema_decay: float = 0.0  # exponential moving average of the weights, per step; 0 switches it off
+    # Hard distillation through the class token (DeiT's, without its distillation token): the loss
+    # is (1 - d) * the loss on the labels + d * cross-entropy with a CNN teacher's label of the same
+    # augmented view; DeiT weighs the two halves equally (0.5). 0 switches it off; > 0 needs a teacher.
+    distillation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -57,13 +61,14 @@ class Recipe:
             "mix_prob": 0 <= self.mix_prob <= 1,
             "repeats": isinstance(self.repeats, int) and self.repeats >= 1,
             "ema_decay": 0 <= self.ema_decay < 1,
+            "distillation": 0 <= self.distillation <= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 "invalid recipe: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
                 + " (lr, epochs, batch_size, repeats > 0; weight_decay, grad_clip, mixup_alpha, cutmix_alpha >= 0;"
-                " warmup, label_smoothing, ema_decay in [0, 1); erasing, mix_prob in [0, 1])"
+                " warmup, label_smoothing, ema_decay in [0, 1); erasing, mix_prob, distillation in [0, 1])"
             )
 
     def replace(self, **changes: Any) -> "Recipe":
@@ -110,6 +115,9 @@ class Recipe:
         parts.append("augmentation: " + (", ".join(augment) or "none"))
         if self.ema_decay:
             parts.append(f"moving average of the weights (decay {self.ema_decay:g})")
+        if self.distillation:
+            parts.append(f"hard distillation from a CNN teacher's label of each augmented image, weight "
+                         f"{self.distillation:g}")
         return "; ".join(parts)
 
 

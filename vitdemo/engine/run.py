@@ -53,6 +53,7 @@ class Run:
     total_steps: int
     step: int = 0  # optimiser steps done, over the whole run
     history: dict[str, list[float | None]] = field(default_factory=dict)
+    teacher: nn.Module | None = None  # labels each augmented batch, for the recipe's distillation
     budget: BudgetPlan | None = None  # what a time budget chose, if one did
 
 
@@ -65,7 +66,7 @@ def reschedule(run: Run, recipe: Recipe) -> None:
 
 def set_up(model: VisionTransformer, train_data: ImageData, val_data: ImageData | None, recipe: Recipe,
            preprocess: Preprocessing, *, seed: int, device: str | torch.device | None, freeze_backbone: bool,
-           compile: str | None, precision: str) -> Run:
+           compile: str | None, precision: str, teacher: nn.Module | None = None) -> Run:
     """Check the data, put the model on its device, and build what the run optimises and reads:
     images augmented on the batch or cached features, the optimiser, schedule and moving average."""
     device = select_device(str(device) if device is not None else None)
@@ -75,6 +76,13 @@ def set_up(model: VisionTransformer, train_data: ImageData, val_data: ImageData 
     if compile not in (None, *COMPILE_MODES):
         raise ValueError(f"compile must be one of {COMPILE_MODES} or None, got {compile!r}")
     precision = resolve_precision(precision, device)
+    if (teacher is not None) != (recipe.distillation > 0):
+        raise ValueError("distillation needs both a teacher and the recipe's distillation weight above 0; got "
+                         f"{'a' if teacher is not None else 'no'} teacher and distillation={recipe.distillation:g}")
+    if teacher is not None and freeze_backbone:
+        raise ValueError("a head-only run (freeze_backbone) trains on cached features, which a teacher cannot label")
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     rank, world = rank_and_world()
     model.to(device)
     base = unwrap(model)
@@ -132,4 +140,4 @@ def set_up(model: VisionTransformer, train_data: ImageData, val_data: ImageData 
                preprocess=preprocess, base=base, net=net, step_net=step_net, freeze_backbone=freeze_backbone,
                train_inputs=train_inputs, val_inputs=val_inputs, augment=augment, mixer=mixer, optimizer=optimizer,
                scheduler=scheduler, ema=ema, kernels=kernels, steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, history=history)
+               total_steps=total_steps, history=history, teacher=teacher)
