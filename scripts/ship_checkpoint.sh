@@ -7,7 +7,9 @@
 # `vitdemo train` carries its out-of-distribution statistics and its data's digest (by which evaluate
 # finds the held-out images); for an older one, `vitdemo fit-ood` adds the statistics.
 #
-#     bash scripts/ship_checkpoint.sh [RUN_DIR] [CIFAR10_TRAIN_DIR]
+#     bash scripts/ship_checkpoint.sh [RUN_DIR_OR_WEIGHTS_FILE] [CIFAR10_TRAIN_DIR]
+#
+# From a device session, give the file chosen.json names, e.g. /work/.device/.../main.ema.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${1:-$HOME/.cache/vitdemo/runs/cifar10}
@@ -15,7 +17,9 @@ data=${2:-$HOME/.cache/vitdemo/cifar10/train}
 dest=checkpoints/vit_cifar10
 split=(--data "$data" --val-size 5000 --split-seed 0)
 
-install -m 644 "$run/model.safetensors" "$dest/model.safetensors"
+weights=$run
+[ -d "$run" ] && weights=$run/model.safetensors
+install -m 644 "$weights" "$dest/model.safetensors"
 # --force: the previous model's export, evaluation and pictures are meant to be replaced here.
 python -m vitdemo export --checkpoint "$dest" --out "$dest/model.int8.onnx" --int8 --force
 python -m vitdemo evaluate --checkpoint "$dest" "${split[@]}" --out "$dest" --force
